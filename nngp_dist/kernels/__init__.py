@@ -1,0 +1,34 @@
+"""Infinite-width kernels: layers as state-to-state functions, nonlinearities, specs."""
+
+from .layers import dense, diagonal_state, input_state, serial
+from .nonlinearities import (
+    ACTIVATIONS,
+    Nonlinearity,
+    elementwise,
+    erf,
+    gelu,
+    leaky_relu,
+    linear,
+    relu,
+    tanh,
+)
+from .spec import Spec
+from .state import KernelState
+
+__all__ = [
+    "ACTIVATIONS",
+    "KernelState",
+    "Nonlinearity",
+    "Spec",
+    "dense",
+    "diagonal_state",
+    "elementwise",
+    "erf",
+    "gelu",
+    "input_state",
+    "leaky_relu",
+    "linear",
+    "relu",
+    "serial",
+    "tanh",
+]

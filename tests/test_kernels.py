@@ -1,0 +1,143 @@
+"""Kernel mathematics against independent oracles (tests/reference.py)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special
+
+from nngp_dist import kernels
+from nngp_dist.kernels import Spec
+
+from . import reference
+
+PAIRS = [(0.3, 1.0, 1.0), (-0.7, 1.2, 0.9), (1.9, 2.0, 2.5), (0.0, 0.5, 3.0), (0.99, 1.0, 1.0)]
+
+PHIS = {
+    "relu": (lambda x: np.maximum(x, 0), lambda x: np.where(x > 0, 1.0, 0.0)),
+    "erf": (special.erf, lambda x: 2 / math.sqrt(math.pi) * np.exp(-x * x)),
+    "tanh": (np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    "gelu": (
+        lambda x: x * special.ndtr(x),
+        lambda x: special.ndtr(x) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi),
+    ),
+    "leaky_relu:0.2": (lambda x: np.where(x > 0, x, 0.2 * x), lambda x: np.where(x > 0, 1.0, 0.2)),
+    "linear": (lambda x: x, lambda x: 1.0 + 0.0 * x),
+}
+
+
+@pytest.mark.parametrize("name", PHIS)
+@pytest.mark.parametrize("k12,k11,k22", PAIRS)
+def test_moments_against_2d_quadrature(name, k12, k11, k22):
+    phi, dphi = PHIS[name]
+    nl = kernels.nonlinearities.from_spec(name)
+    f, fdot = nl.moments(np.array([k12]), np.array([k11]), np.array([k22]), True)
+    want_f = reference.gaussian_expectation(lambda u, v: phi(u) * phi(v), k12, k11, k22)
+    # The derivative of a kink is a step: split-free dblquad is still accurate to ~1e-8 there.
+    want_fdot = reference.gaussian_expectation(lambda u, v: dphi(u) * dphi(v), k12, k11, k22)
+    assert f[0] == pytest.approx(want_f, rel=1e-6, abs=1e-9)
+    assert fdot[0] == pytest.approx(want_fdot, rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", PHIS)
+def test_variance_is_moment_on_the_diagonal(name):
+    nl = kernels.nonlinearities.from_spec(name)
+    k = np.array([0.1, 1.0, 3.7])
+    f, _ = nl.moments(k.copy(), k.copy(), k.copy(), False)
+    np.testing.assert_allclose(nl.variance(k), f, rtol=1e-9)
+
+
+def test_relu_diagonal_is_exactly_half():
+    state = kernels.diagonal_state(np.array([[0.3], [1.7], [12.5]]))
+    assert np.array_equal(kernels.relu()(state).nngp, state.nngp / 2)
+
+
+def test_relu_closed_form_is_stable_near_rho_one():
+    # k12 marginally above sqrt(k11 k22) (rounding in a Gram matrix) must not give NaN.
+    f, fdot = kernels.relu().moments(np.array([1.0 + 1e-15]), np.array([1.0]), np.array([1.0]), True)
+    assert f[0] == pytest.approx(0.5, rel=1e-12)
+    assert fdot[0] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_user_function_by_quadrature_matches_closed_form():
+    quad = kernels.elementwise(special.erf, name="erf-by-quadrature")
+    x = np.random.default_rng(1).standard_normal((6, 9))
+    for kind in ("nngp", "ntk"):
+        closed = Spec(depth=3, weight_var=1.7, bias_var=0.2, activation="erf", kernel=kind)
+        by_quad = Spec(depth=3, weight_var=1.7, bias_var=0.2, activation=quad, kernel=kind)
+        np.testing.assert_allclose(by_quad.cross(x, x), closed.cross(x, x), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
+def test_against_monte_carlo_of_wide_networks(name):
+    phi, dphi = PHIS[name]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 16)) * rng.uniform(0.5, 1.5, (5, 1))
+    depth, w_var, b_var = 3, 1.6, 0.2
+    nngp_mc, ntk_mc = reference.monte_carlo_kernels(x, phi, dphi, depth, w_var, b_var)
+    for kind, mc in (("nngp", nngp_mc), ("ntk", ntk_mc)):
+        spec = Spec(depth=depth, weight_var=w_var, bias_var=b_var, activation=name, kernel=kind)
+        np.testing.assert_allclose(spec.cross(x, x), mc, atol=0.01 * np.abs(mc).max(), rtol=0.05)
+
+
+def test_reference_ntk_backprop_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4))
+    params = reference.random_mlp(rng, 4, 5, 2)
+    phi, dphi = PHIS["tanh"]
+    by_hand = reference.mlp_ntk(x, params, phi, dphi, 1.3, 0.4)
+    by_fd = reference.mlp_ntk_finite_difference(x, params, phi, 1.3, 0.4)
+    np.testing.assert_allclose(by_hand, by_fd, rtol=1e-6)
+
+
+def test_all_depths_from_one_pass_equal_separate_specs():
+    x = np.random.default_rng(4).random((7, 12))
+    y = np.random.default_rng(5).random((3, 12))
+    for kind in ("nngp", "ntk"):
+        deep = Spec(depth=5, weight_var=1.45, bias_var=0.28, kernel=kind)
+        stacked = deep.cross(x, y, depths=[0, 2, 5])
+        diags = deep.diag(x, depths=[0, 2, 5])
+        for k, depth in enumerate([0, 2, 5]):
+            single = Spec(depth=depth, weight_var=1.45, bias_var=0.28, kernel=kind)
+            np.testing.assert_allclose(stacked[k], single.cross(x, y), rtol=1e-13)
+            np.testing.assert_allclose(diags[k], single.diag(x), rtol=1e-13)
+
+
+def test_depth_zero_is_the_linear_kernel():
+    x = np.random.default_rng(6).random((4, 8))
+    k = Spec(depth=0, weight_var=2.0, bias_var=0.5).cross(x, x)
+    np.testing.assert_allclose(k, 0.5 + 2.0 * x @ x.T / 8, rtol=1e-14)
+
+
+def test_row_blocking_does_not_change_the_result(monkeypatch):
+    x = np.random.default_rng(7).random((37, 11))
+    spec = Spec(depth=4, weight_var=1.3, bias_var=0.1, kernel="ntk")
+    whole = spec.cross(x, x)
+    monkeypatch.setattr(kernels.spec, "BLOCK_ENTRIES", 50)  # 1 row per block
+    np.testing.assert_array_equal(spec.cross(x, x), whole)
+
+
+def test_spec_round_trips_and_hash_is_canonical():
+    spec = Spec(depth=7, weight_var=1.45, bias_var=0.28, activation="leaky_relu:0.1", kernel="ntk")
+    again = Spec.from_json(spec.to_json())
+    assert again.to_json() == spec.to_json()
+    assert again.hash == spec.hash
+    assert Spec(depth=7, weight_var=1.45, bias_var=0.28).hash != spec.hash
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"activation": "swish"}, "unknown activation"),
+        ({"kernel": "gp"}, "unknown kernel"),
+        ({"arch": "transformer"}, "unknown architecture"),
+        ({"depth": -1}, "depth"),
+        ({"weight_var": float("nan")}, "weight_var"),
+        ({"bias_var": -1.0}, "bias_var"),
+        ({"activation": "leaky_relu:2"}, "alpha"),
+        ({"activation": "nosuchmodule:fn"}, "cannot import"),
+    ],
+)
+def test_bad_specs_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Spec(**kwargs)
