@@ -20,19 +20,13 @@ Run::
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
-import neural_tangents as nt  # noqa: E402
-import numpy as np  # noqa: E402
-from neural_tangents import stax  # noqa: E402
+import jax
+import neural_tangents as nt
+import numpy as np
+from neural_tangents import stax
 
 DIM = 784
 
@@ -54,6 +48,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="0 = unbatched (default)")
     p.add_argument("--check", action="store_true", help="print K[0:3, 0:3] to stderr")
     args = p.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
 
     if args.batch_size and args.n % args.batch_size:
         p.error(f"--batch-size {args.batch_size} must divide --n {args.n}")
@@ -64,13 +59,17 @@ def main(argv=None):
         # nt.batch jits each block itself; warm up on one block to compile that shape.
         batched = nt.batch(kernel_fn, batch_size=args.batch_size)
         np.asarray(batched(x[: args.batch_size], None, args.kernel))
-        compute = lambda: batched(x, None, args.kernel)  # noqa: E731
+
+        def compute():
+            return batched(x, None, args.kernel)
     else:
         # Warm-up on a tiny batch, then compile the full shape ahead of time.
         jitted = jax.jit(kernel_fn, static_argnames="get")
         np.asarray(jitted(x[:8], None, get=args.kernel))
         compiled = jitted.lower(x, None, get=args.kernel).compile()
-        compute = lambda: compiled(x, None)  # noqa: E731
+
+        def compute():
+            return compiled(x, None)
 
     best = math.inf
     for _ in range(args.repeat):
@@ -81,7 +80,7 @@ def main(argv=None):
     if args.check:
         np.set_printoptions(precision=17)
         print(repr(k[:3, :3]), file=sys.stderr)
-    print(json.dumps({
+    result = {
         "impl": "neural-tangents",
         "kernel": args.kernel,
         "n": args.n,
@@ -91,7 +90,8 @@ def main(argv=None):
         "jax": jax.__version__,
         "neural_tangents": nt.__version__,
         "batch_size": args.batch_size,
-    }))
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

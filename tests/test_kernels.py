@@ -54,7 +54,9 @@ def test_relu_diagonal_is_exactly_half():
 
 def test_relu_closed_form_is_stable_near_rho_one():
     # k12 marginally above sqrt(k11 k22) (rounding in a Gram matrix) must not give NaN.
-    f, fdot = kernels.relu().moments(np.array([1.0 + 1e-15]), np.array([1.0]), np.array([1.0]), True)
+    f, fdot = kernels.relu().moments(
+        np.array([1.0 + 1e-15]), np.array([1.0]), np.array([1.0]), True
+    )
     assert f[0] == pytest.approx(0.5, rel=1e-12)
     assert fdot[0] == pytest.approx(0.5, rel=1e-12)
 

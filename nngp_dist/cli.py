@@ -1,0 +1,196 @@
+"""The ``nngp-dist`` command line: parse options, call one function, print. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+ACTIVATION_HELP = (
+    "relu, leaky_relu:ALPHA, erf, tanh, gelu, linear, or module:function for any elementwise "
+    "Python function (by quadrature)"
+)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user errors and failed jobs without a traceback; exit 2 and 1 respectively."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .compute import JobError  # noqa: PLC0415
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except JobError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished tiles are kept; re-run to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _options(*decorators: Callable[..., Any]) -> Callable[..., Any]:
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+store_option = click.option(
+    "--store", required=True, help="Kernel store: a directory or an fsspec URL (s3://...)."
+)
+
+kernel_options = _options(
+    store_option,
+    click.option(
+        "--dataset",
+        default="demo",
+        show_default=True,
+        help="demo, fashion-mnist, mnist, cifar10 or npz:PATH.",
+    ),
+    click.option("--data-dir", default=None, help="Folder holding the dataset's files."),
+    click.option("--train-size", type=int, default=None, help="Use the first N training examples."),
+    click.option("--test-size", type=int, default=None, help="Use the first M test examples."),
+    click.option("--standardize", is_flag=True, help="Centre and scale each image."),
+    click.option("--arch", default="fc", show_default=True, help="Architecture (fc)."),
+    click.option(
+        "--depth",
+        type=int,
+        default=3,
+        show_default=True,
+        help="Hidden layers, each followed by the activation.",
+    ),
+    click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP),
+    click.option(
+        "--weight-var",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Weight variance w_var (weights ~ N(0, w_var / fan_in)).",
+    ),
+    click.option(
+        "--bias-var", type=float, default=0.0, show_default=True, help="Bias variance b_var."
+    ),
+    click.option(
+        "--kernel",
+        "kernel_kind",
+        type=click.Choice(["nngp", "ntk"]),
+        default="nngp",
+        show_default=True,
+        help="Which kernel to compute.",
+    ),
+    click.option(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="Tile edge T [default: nngp-dist.tile-size, 2048].",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float64", "float32"]),
+        default=None,
+        help="Storage dtype [default: float64]; evaluation is always float64.",
+    ),
+    click.option(
+        "--scheduler",
+        default=None,
+        envvar="DASK_SCHEDULER_ADDRESS",
+        help="Address of a running Dask scheduler (or 'synchronous' to run in this "
+        "process) [env: DASK_SCHEDULER_ADDRESS].",
+    ),
+    click.option(
+        "--workers",
+        type=int,
+        default=None,
+        help="Worker processes of the embedded cluster [default: one per core].",
+    ),
+    click.option(
+        "--memory-limit",
+        default=None,
+        help="Memory limit per embedded worker, e.g. 2GB [default: shared evenly].",
+    ),
+    click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "gpu"]),
+        default="auto",
+        show_default=True,
+        help="Where workers evaluate tiles (auto: GPU if CuPy sees one).",
+    ),
+    click.option(
+        "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
+    ),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="nngp-dist")
+def main() -> None:
+    """Exact infinite-width network kernels, computed in tiles by Dask into a Zarr store."""
+
+
+@main.command()
+@kernel_options
+@_user_errors
+def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
+    """Compute a network's kernel into a store (resumes a partly computed store)."""
+    from . import jobs  # noqa: PLC0415
+
+    summary = jobs.kernel(kernel=kernel_kind, progress=not quiet, **options)
+    click.echo(
+        f"{summary['store']}: {summary['tiles_computed']} tiles computed, "
+        f"{summary['tiles_skipped']} already done, {summary['tiles_total']} in all "
+        f"({summary['seconds']:.1f} s)"
+    )
+
+
+@main.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@_user_errors
+def status(store: str, as_json: bool) -> None:
+    """Show a store's progress: tiles done and total, stage, spec, timings."""
+    from .storage import KernelStore  # noqa: PLC0415
+
+    st = KernelStore.open(store).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    spec = st["spec"]
+    click.echo(f"store:   {st['store']}")
+    click.echo(f"stage:   {st['stage']}")
+    click.echo(f"tiles:   {st['tiles_done']} / {st['tiles_total']} done")
+    for name, a in st["arrays"].items():
+        click.echo(f"  {name:14s} {a['done']:>8d} / {a['total']}")
+    click.echo(
+        f"spec:    {spec['arch']} depth {spec['depth']} {spec['activation']['name']} "
+        f"w_var {spec['weight_var']} b_var {spec['bias_var']} {spec['kernel']}"
+    )
+    click.echo(
+        f"data:    {st['dataset']}, {st['n_train']} train x {st['n_test']} test, "
+        f"tile {st['tile_size']}, {st['dtype']}"
+    )
+    for stage, rec in st["stages"].items():
+        click.echo(
+            f"{stage}:  started {rec.get('started')}, finished {rec.get('finished')}, "
+            f"{rec.get('seconds')} s"
+        )
+    click.echo(f"task time: {st['task_seconds']} s summed over tiles")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,88 @@
+"""Where the tiles run: an existing Dask cluster, or an embedded LocalCluster on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes, parse_timedelta
+
+from . import config
+from .errors import UserError
+
+__all__ = ["connect"]
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The scheduler to use: ``scheduler``, else ``$DASK_SCHEDULER_ADDRESS`` / dask config."""
+    return scheduler or dask.config.get("scheduler-address", None) or None
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    memory_limit: str | int | None = None,
+    timeout: str | float | None = None,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: to ``scheduler`` if one is given, else to a new cluster.
+
+    The embedded cluster has ``workers`` single-threaded worker processes (default: one per
+    core) with ``memory_limit`` each (default: the machine's memory shared evenly), bound to
+    127.0.0.1, with its dashboard on a free port. An unreachable scheduler is a
+    :class:`UserError` after ``timeout`` (default ``nngp-dist.connect-timeout``).
+    """
+    from distributed import Client, LocalCluster  # noqa: PLC0415
+
+    address = scheduler_address(scheduler)
+    wait = parse_timedelta(config.get("connect-timeout", timeout))
+    if address:
+        if workers is not None or memory_limit is not None:
+            raise UserError(
+                "--workers and --memory-limit configure the embedded cluster; with --scheduler "
+                "the cluster's own workers are used (drop one or the other)"
+            )
+        try:
+            client = Client(address, timeout=wait)
+        except (OSError, TimeoutError) as e:
+            raise UserError(
+                f"cannot reach the Dask scheduler at {address} within {wait:g} s ({e}). Check "
+                "the address and that the scheduler runs, or leave out --scheduler (and unset "
+                "DASK_SCHEDULER_ADDRESS) for an embedded local cluster."
+            ) from None
+        with client:
+            yield client
+        return
+    n = workers if workers is not None else (os.cpu_count() or 1)
+    if n < 1:
+        raise UserError(f"--workers must be at least 1, got {n}")
+    limit: Any = "auto"
+    if memory_limit is not None:
+        try:
+            limit = (
+                parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+            )
+        except (ValueError, TypeError):
+            raise UserError(
+                f"--memory-limit {memory_limit!r} is not a size like 2GB or 512MiB"
+            ) from None
+        if limit <= 0:
+            raise UserError("--memory-limit must be positive")
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=limit,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

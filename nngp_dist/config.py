@@ -1,0 +1,32 @@
+"""Defaults, registered into ``dask.config`` under ``nngp-dist``.
+
+Override per call (keyword arguments), in a dask YAML file, or by environment variable, e.g.
+``DASK_NNGP_DIST__TILE_SIZE=4096``. Only the public API and the CLI read these (through
+:func:`get`); nothing below them does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.config
+
+__all__ = ["DEFAULTS", "get"]
+
+DEFAULTS = {
+    # Tile edge. CPU tiles of 2k-4k keep Dask's ~1 ms per task negligible (DESIGN.md).
+    "tile-size": 2048,
+    # Storage dtype of the kernel arrays; evaluation is always float64.
+    "dtype": "float64",
+    # Tile tasks in flight per worker thread (the client submits in a sliding window).
+    "tasks-per-thread": 2,
+    # How long to wait for a scheduler before giving up.
+    "connect-timeout": "10s",
+}
+
+dask.config.update_defaults({"nngp-dist": DEFAULTS})
+
+
+def get(key: str, override: Any = None) -> Any:
+    """``dask.config.get("nngp-dist." + key)`` unless ``override`` is given (not None)."""
+    return dask.config.get(f"nngp-dist.{key}", override_with=override)

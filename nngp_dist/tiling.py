@@ -1,0 +1,85 @@
+"""The tile plan: which tiles of which arrays exist, and which of them are still missing.
+
+A tile is ``(array, i, j)``: rows ``i*T : (i+1)*T`` and columns ``j*T : (j+1)*T`` of a kernel
+array (the last tile of a dimension may be ragged); the diagonals have tiles ``(array, i)``.
+Only tiles with ``i <= j`` of the symmetric train x train matrix exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["Tile", "TilePlan"]
+
+_ROWS = {
+    "k_train_train": "train",
+    "k_test_train": "test",
+    "k_train_diag": "train",
+    "k_test_diag": "test",
+}
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Tile:
+    """One unit of work: a block of one kernel array (``j`` is None for the diagonals)."""
+
+    array: str
+    i: int
+    j: int | None = None
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        return (self.i,) if self.j is None else (self.i, self.j)
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """Tiles of edge ``tile_size`` over ``n_train`` training and ``n_test`` test examples."""
+
+    n_train: int
+    n_test: int
+    tile_size: int
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ValueError(f"tile size must be positive, got {self.tile_size}")
+
+    def blocks(self, part: str) -> int:
+        """Number of row blocks of ``part`` ("train" or "test")."""
+        n = self.n_train if part == "train" else self.n_test
+        return math.ceil(n / self.tile_size)
+
+    def rows(self, part: str, block: int) -> slice:
+        """The examples of ``part`` in row block ``block``."""
+        n = self.n_train if part == "train" else self.n_test
+        return slice(block * self.tile_size, min((block + 1) * self.tile_size, n))
+
+    def grid(self, array: str) -> tuple[int, ...]:
+        """Shape of the tile grid of ``array``."""
+        rows = self.blocks(_ROWS[array])
+        return (rows,) if array.endswith("_diag") else (rows, self.blocks("train"))
+
+    def wanted(self, array: str) -> np.ndarray:
+        """Boolean map over the tile grid of the tiles that exist (upper triangle for train)."""
+        grid = self.grid(array)
+        if array == "k_train_train":
+            return np.triu(np.ones(grid, dtype=bool))
+        return np.ones(grid, dtype=bool)
+
+    def tiles(self, array: str) -> Iterator[Tile]:
+        """Every tile of ``array``, in row-major order."""
+        for idx in zip(*np.nonzero(self.wanted(array))):
+            yield Tile(array, *(int(k) for k in idx))
+
+    def missing(self, done: dict[str, np.ndarray]) -> list[Tile]:
+        """Tiles not marked in ``done`` (array name -> boolean map), diagonals first."""
+        order = ("k_train_diag", "k_test_diag", "k_train_train", "k_test_train")
+        return [t for a in order for t in self.tiles(a) if not done[a][t.index]]
+
+    def total(self) -> int:
+        """Number of tiles over all four arrays."""
+        return sum(int(self.wanted(a).sum()) for a in _ROWS)
