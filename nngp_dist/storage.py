@@ -289,7 +289,8 @@ def _show(meta: dict, key: str) -> str:
 def open_store(path: str) -> Any:
     """Open a kernel store as an ``xarray.Dataset``, the train x train kernel made symmetric.
 
-    ``k_train_train`` is mirrored lazily from its upper tiles (a dask array), so the full
+    ``k_train_train`` is mirrored lazily from its upper tiles (a dask array reading each
+    tile from the store when computed, a lower tile as the transpose of its upper one), so the full
     symmetric N x N matrix reads correctly; tiles not yet computed read as NaN. Coordinates:
     ``train``, ``train_col``, ``test`` (example indices) and the labels ``y_train``,
     ``y_train_col`` and ``y_test``.
@@ -302,10 +303,23 @@ def open_store(path: str) -> Any:
     import dask.array as da  # noqa: PLC0415
     import xarray as xr  # noqa: PLC0415
 
-    KernelStore.open(path)  # a clear error if this is not a store
+    store = KernelStore.open(path)  # a clear error if this is not a store
     ds = xr.open_zarr(path, consolidated=False)
-    k = ds["k_train_train"].data
-    sym = da.triu(k) + da.triu(k, 1).T
+    k = store.group["k_train_train"]
+    t = store.meta["tile_size"]
+    chunks = tuple(tuple(min(t, n - s) for s in range(0, n, t)) for n in k.shape)
+
+    def mirrored(block_id: tuple[int, int] | None = None) -> np.ndarray:
+        i, j = block_id or (0, 0)
+        a, b = sorted((i, j))
+        tile = k[a * t : (a + 1) * t, b * t : (b + 1) * t]
+        if i > j:
+            return tile.T
+        if i == j:
+            return np.triu(tile) + np.triu(tile, 1).T
+        return tile
+
+    sym = da.map_blocks(mirrored, chunks=chunks, dtype=k.dtype, meta=np.empty((0, 0), k.dtype))
     ds["k_train_train"] = (("train", "train_col"), sym)
     ds = ds.assign_coords(
         train=np.arange(ds.sizes["train"]),

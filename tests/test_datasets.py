@@ -1,0 +1,126 @@
+"""Dataset loading and validation."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nngp_dist import UserError, load_dataset
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
+
+
+def test_demo_is_real_fashion_mnist_sample():
+    ds = load_dataset("demo")
+    assert ds.x_train.shape == (2000, 28, 28) and ds.x_test.shape == (500, 28, 28)
+    assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+    assert set(np.unique(ds.y_train)) == set(range(10))
+
+
+def write_idx(folder: Path, name: str, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(folder / name, "wb") as f:
+            f.write(data)
+    else:
+        (folder / name.removesuffix(".gz")).write_bytes(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_from_data_dir(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 4, 4))
+    labels = rng.integers(0, 10, 20)
+    for prefix, n in (("train", 20), ("t10k", 7)):
+        write_idx(tmp_path, f"{prefix}-images-idx3-ubyte.gz", imgs[:n], gz)
+        write_idx(tmp_path, f"{prefix}-labels-idx1-ubyte.gz", labels[:n], gz)
+    ds = load_dataset("mnist", data_dir=tmp_path, train_size=15)
+    assert ds.x_train.shape == (15, 4, 4) and ds.x_test.shape == (7, 4, 4)
+    np.testing.assert_array_equal(ds.x_train, imgs[:15] / 255.0)
+    np.testing.assert_array_equal(ds.y_test, labels[:7])
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="shared MNIST test set not present")
+def test_real_mnist_test_images_parse(tmp_path):
+    for prefix in ("train", "t10k"):  # the test files stand in for the training files here
+        for kind in ("images-idx3", "labels-idx1"):
+            shutil.copy(
+                SHARED_MNIST / f"t10k-{kind}-ubyte.gz", tmp_path / f"{prefix}-{kind}-ubyte.gz"
+            )
+    ds = load_dataset("mnist", data_dir=tmp_path)
+    assert ds.x_test.shape == (10000, 28, 28)
+    assert np.bincount(ds.y_test).tolist()[:3] == [980, 1135, 1032]  # MNIST's published counts
+
+
+def test_truncated_idx_is_refused(tmp_path):
+    write_idx(tmp_path, "train-images-idx3-ubyte.gz", np.zeros((5, 2, 2)), gz=False)
+    raw = tmp_path / "train-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-3])
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        write_idx(tmp_path, name, np.zeros(5), gz=False)
+    write_idx(tmp_path, "t10k-images-idx3-ubyte.gz", np.zeros((5, 2, 2)), gz=False)
+    with pytest.raises(UserError, match="truncated"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_missing_files_say_where_they_were_looked_for(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+
+
+def npz(tmp_path, **over):
+    rng = np.random.default_rng(1)
+    arrays = {
+        "x_train": rng.random((10, 6)),
+        "y_train": rng.integers(0, 2, 10),
+        "x_test": rng.random((4, 6)),
+        "y_test": rng.integers(0, 2, 4),
+        **over,
+    }
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"x_train": np.full((10, 6), np.nan)}, "NaN or infinite"),
+        ({"x_test": np.array([[np.inf] * 6] * 4)}, "NaN or infinite"),
+        ({"y_train": np.zeros(9, int)}, "one label"),
+        ({"x_test": np.zeros((4, 5))}, "shape"),
+        ({"x_train": np.zeros((0, 6)), "y_train": np.zeros(0, int)}, "empty"),
+        ({"y_test": None}, "lacks arrays"),
+        ({"x_train": np.zeros((10, 6), dtype=np.int32)}, "signed integer"),
+    ],
+)
+def test_bad_npz_is_refused(tmp_path, over, match):
+    with pytest.raises(UserError, match=match):
+        load_dataset(npz(tmp_path, **over))
+
+
+def test_npz_integer_images_scaled_floats_kept(tmp_path):
+    imgs = np.arange(60, dtype=np.uint8).reshape(10, 6)
+    assert load_dataset(npz(tmp_path, x_train=imgs)).x_train.max() == 59 / 255
+    floats = np.random.default_rng(2).standard_normal((10, 6)) * 7
+    np.testing.assert_array_equal(load_dataset(npz(tmp_path, x_train=floats)).x_train, floats)
+
+
+def test_sizes_and_standardize(tmp_path):
+    with pytest.raises(UserError, match="has 10 train"):
+        load_dataset(npz(tmp_path), train_size=11)
+    ds = load_dataset("demo", train_size=50, test_size=5, standardize=True)
+    flat = ds.x_train.reshape(50, -1)
+    np.testing.assert_allclose(flat.mean(1), 0, atol=1e-12)
+    np.testing.assert_allclose((flat**2).mean(1), 1, rtol=1e-12)
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_dataset("imagenet")

@@ -1,0 +1,160 @@
+"""The tiled job into the store: tiled equals untiled, resume, refusal, the public layout."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import nngp_dist
+from nngp_dist import KernelStore, Spec, UserError
+
+SPEC = {"depth": 3, "weight_var": 1.45, "bias_var": 0.28}
+
+
+def run(store, data, **kw):
+    args = {**SPEC, "scheduler": "synchronous", "progress": False, **kw}
+    return nngp_dist.kernel(str(store), dataset=f"npz:{data}", **args)
+
+
+def untiled(data, **kw):
+    with np.load(data) as z:
+        x, xt = z["x_train"].reshape(37, -1), z["x_test"].reshape(11, -1)
+    spec = Spec(**{**SPEC, **kw})
+    return spec, x, xt
+
+
+@pytest.mark.parametrize("tile", [37, 8, 5, 64])  # one tile, ragged, ragged, larger than N
+@pytest.mark.parametrize("kernel", ["nngp", "ntk"])
+def test_tiled_equals_untiled(tmp_path, small_npz, tile, kernel):
+    run(tmp_path / "k.zarr", small_npz, tile_size=tile, kernel=kernel)
+    spec, x, xt = untiled(small_npz, kernel=kernel)
+    ds = nngp_dist.open_store(str(tmp_path / "k.zarr"))
+    want = spec.cross(x, x)
+    # The stored diagonal comes from the diagonal recursion (exact correlation 1); the cross
+    # evaluation of it carries arccos(1 - eps) rounding, ~1e-8 in the ReLU NTK.
+    np.fill_diagonal(want, spec.diag(x))
+    np.testing.assert_allclose(ds.k_train_train.values, want, rtol=1e-12)
+    np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xt, x), rtol=1e-12)
+    np.testing.assert_allclose(ds.k_train_diag.values, spec.diag(x), rtol=1e-12)
+    np.testing.assert_allclose(ds.k_test_diag.values, spec.diag(xt), rtol=1e-12)
+    # the mirrored matrix is exactly symmetric, and its diagonal is the diagonal array
+    k = ds.k_train_train.values
+    assert np.array_equal(k, k.T)
+    assert np.array_equal(np.diag(k), ds.k_train_diag.values)
+
+
+def test_layout_is_readable_with_plain_zarr(tmp_path, small_npz):
+    run(tmp_path / "k.zarr", small_npz, tile_size=8, dtype="float32")
+    g = zarr.open_group(str(tmp_path / "k.zarr"), mode="r")
+    meta = g.attrs["nngp_dist"]
+    assert meta["spec"]["depth"] == 3 and meta["tile_size"] == 8 and meta["dtype"] == "float32"
+    k = g["k_train_train"]
+    assert k.shape == (37, 37) and k.chunks == (8, 8) and k.dtype == np.float32
+    upper, lower = k[0:8, 8:16], k[8:16, 0:8]
+    assert np.isfinite(upper).all() and np.isnan(lower).all()  # lower tiles never written
+    assert g["x_train"].shape == (37, 15) and g["y_test"].shape == (11,)
+    assert np.isnan(g["tiles/k_train_train"][1, 0]) and g["tiles/k_train_train"][0, 1] > 0
+    spec, x, _ = untiled(small_npz)
+    np.testing.assert_allclose(upper, spec.cross(x[:8], x[8:16]), rtol=1e-6)
+
+
+def test_rerun_computes_only_missing_tiles(tmp_path, small_npz):
+    store = tmp_path / "k.zarr"
+    first = run(store, small_npz, tile_size=8)
+    assert first["tiles_computed"] == first["tiles_total"] == 15 + 10 + 5 + 2
+    g = zarr.open_group(str(store), mode="r+")
+    before = g["tiles/k_test_train"][...]
+    # forget two tiles, as if the job had been killed before writing them
+    g["tiles/k_train_train"][1, 3] = np.nan
+    g["tiles/k_test_diag"][0] = np.nan
+    g["k_train_train"][8:16, 24:32] = -1.0
+    second = run(store, small_npz, tile_size=8)
+    assert second["tiles_computed"] == 2 and second["tiles_skipped"] == 30
+    assert np.array_equal(g["tiles/k_test_train"][...], before)  # others not recomputed
+    spec, x, _ = untiled(small_npz)
+    np.testing.assert_allclose(g["k_train_train"][8:16, 24:32], spec.cross(x[8:16], x[24:32]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"depth": 4}, {"tile_size": 16}, {"dtype": "float32"}, {"kernel": "ntk"}, {"train_size": 30}],
+)
+def test_mismatched_run_is_refused_and_store_untouched(tmp_path, small_npz, change):
+    store = tmp_path / "k.zarr"
+    run(store, small_npz, tile_size=8)
+    files = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    with pytest.raises(UserError, match="different run"):
+        run(store, small_npz, **{"tile_size": 8, **change})
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == files
+    run(store, small_npz, **{"tile_size": 8, **change}, overwrite=True)
+    assert KernelStore.open(str(store)).status()["stage"] == "kernel-done"
+
+
+def test_refuses_to_write_into_a_foreign_directory(tmp_path, small_npz):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="not a kernel store"):
+        run(tmp_path / "notes", small_npz)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_location_is_refused(tmp_path, small_npz):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="cannot write"):
+        run(ro / "k.zarr", small_npz)
+
+
+def test_status_counts_tiles_and_stage(tmp_path, small_npz):
+    store = tmp_path / "k.zarr"
+    run(store, small_npz, tile_size=8)
+    st = KernelStore.open(str(store)).status()
+    assert (st["tiles_done"], st["tiles_total"], st["stage"]) == (32, 32, "kernel-done")
+    zarr.open_group(str(store), mode="r+")["tiles/k_test_train"][0, 0] = np.nan
+    st = KernelStore.open(str(store)).status()
+    assert (st["tiles_done"], st["stage"]) == (31, "kernel")
+    assert st["stages"]["kernel"]["tiles"] == 32
+
+
+def test_killed_job_resumes_where_it_stopped(tmp_path):
+    """SIGKILL a real job mid-way, then re-run: done tiles are kept, the result is exact."""
+    store = tmp_path / "k.zarr"
+    cmd = [
+        sys.executable, "-m", "nngp_dist.cli", "kernel", "--store", str(store),
+        "--dataset", "demo", "--train-size", "600", "--test-size", "100", "--tile-size", "40",
+        "--activation", "erf", "--depth", "300", "--weight-var", "1.5", "--bias-var", "0.1",
+        "--scheduler", "synchronous", "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tiles_file = store / "tiles" / "k_train_train"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if tiles_file.exists() and len(list((tiles_file / "c").rglob("*"))) > 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rec = zarr.open_group(str(store), mode="r")["tiles/k_train_train"][...]
+    done_before = ~np.isnan(rec)
+    assert 0 < done_before.sum() < np.triu(np.ones_like(rec)).sum()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = out.stdout
+    assert "already done" in summary
+    g = zarr.open_group(str(store), mode="r")
+    after = g["tiles/k_train_train"][...]
+    assert np.array_equal(after[done_before], rec[done_before])  # not recomputed
+    st = KernelStore.open(str(store)).status()
+    assert st["tiles_done"] == st["tiles_total"]
+    ds = nngp_dist.open_store(str(store))
+    spec = Spec(depth=300, weight_var=1.5, bias_var=0.1, activation="erf")
+    x = ds.x_train.values
+    np.testing.assert_allclose(ds.k_train_train.values, spec.cross(x, x), rtol=1e-12)
+    assert json.loads(json.dumps(st))  # status is JSON-able
