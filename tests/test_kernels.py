@@ -143,3 +143,23 @@ def test_spec_round_trips_and_hash_is_canonical():
 def test_bad_specs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Spec(**kwargs)
+
+
+def test_matches_neural_tangents():
+    """Values printed by neural-tangents 0.6.5 (jax 0.4.23, float64, benchmarks/nt_baseline.py
+    --check) for depth 3, w_var 1.45, b_var 0.28, ReLU, on default_rng(0).random((5, 784))."""
+    nt_nngp = [
+        [0.9307982186996858, 0.8920958119484155, 0.8822188152703511],
+        [0.8920958119484155, 0.920353466986598, 0.8788641951850188],
+        [0.8822188152703511, 0.8788641951850188, 0.9061220256723318],
+    ]
+    nt_ntk_offdiag = [1.9066337048035253, 1.8606768654603734, 1.8558077320018602]
+    x = np.random.default_rng(0).random((5, 784))
+    kw = {"depth": 3, "weight_var": 1.45, "bias_var": 0.28}
+    np.testing.assert_allclose(Spec(**kw).cross(x, x)[:3, :3], nt_nngp, rtol=1e-12)
+    ntk = Spec(**kw, kernel="ntk")
+    k = ntk.cross(x, x)
+    np.testing.assert_allclose([k[0, 1], k[0, 2], k[1, 2]], nt_ntk_offdiag, rtol=1e-12)
+    # neural-tangents' NTK diagonal carries arccos(1 - eps) rounding (~1e-8): loose there
+    np.testing.assert_allclose(ntk.diag(x)[:3], [2.330017858883189, 2.288238846351671,
+                                                 2.2313130971344424], rtol=1e-7)  # fmt: skip
