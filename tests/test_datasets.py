@@ -124,3 +124,27 @@ def test_sizes_and_standardize(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(UserError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+def test_download_checks_the_checksum(tmp_path, monkeypatch):
+    from nngp_dist import datasets
+
+    src = tmp_path / "mirror"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for prefix, n in (("train", 12), ("t10k", 4)):
+        write_idx(src, f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 3, 3)), True)
+        write_idx(src, f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), True)
+    sums = {p.name: datasets._md5(p) for p in src.iterdir()}
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets, "_search_dirs", lambda name, d: [cache / name])
+    monkeypatch.setattr(datasets, "_cache_dir", lambda name: cache / name)
+    bad = {**sums, "t10k-labels-idx1-ubyte.gz": "0" * 32}
+    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (src.as_uri() + "/", bad))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_dataset("mnist")
+    assert not (cache / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()  # not kept
+    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (src.as_uri() + "/", sums))
+    assert load_dataset("mnist").x_train.shape == (12, 3, 3)
+    monkeypatch.setitem(datasets._IDX_FILES, "mnist", ("file:///nonexistent/", sums))
+    assert load_dataset("mnist").x_test.shape == (4, 3, 3)  # verified cache, no download

@@ -158,3 +158,16 @@ def test_killed_job_resumes_where_it_stopped(tmp_path):
     x = ds.x_train.values
     np.testing.assert_allclose(ds.k_train_train.values, spec.cross(x, x), rtol=1e-12)
     assert json.loads(json.dumps(st))  # status is JSON-able
+
+
+def test_fsspec_url_store(small_npz):
+    """Any fsspec URL zarr accepts (here the in-memory file system) holds a store."""
+    url = "memory://nngp-dist-test/k.zarr"
+    first = run(url, small_npz, tile_size=16)
+    assert first["action"] == "create" and first["tiles_computed"] == first["tiles_total"]
+    assert run(url, small_npz, tile_size=16)["tiles_computed"] == 0
+    with pytest.raises(UserError, match="different run"):
+        run(url, small_npz, tile_size=8)
+    spec, x, _ = untiled(small_npz)
+    np.testing.assert_allclose(nngp_dist.open_store(url).k_test_train.values[:, :5],
+                               spec.cross(untiled(small_npz)[2], x[:5]), rtol=1e-12)  # fmt: skip
