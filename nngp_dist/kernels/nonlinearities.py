@@ -76,6 +76,11 @@ def _relu_moments(k12: Any, k11: Any, k22: Any, need_dot: bool) -> tuple[Any, An
     # sqrt(k11 k22) (sin t + (pi - t) cos t) / (2 pi) = (s + (pi - t) k12) / (2 pi),
     # with s = sqrt(k11 k22 - k12^2) = sqrt(k11 k22) sin t.
     xp = backend.namespace(k12, k11, k22)
+    if not xp.broadcast_shapes(xp.shape(k12), xp.shape(k11), xp.shape(k22)):  # all 0-d
+        f, fdot = _relu_moments(
+            *(xp.reshape(xp.asarray(a), (1,)) for a in (k12, k11, k22)), need_dot
+        )
+        return f[0], (fdot[0] if need_dot else None)
     s = k11 * k22
     s -= k12 * k12
     xp.maximum(s, 0.0, out=s)
