@@ -8,6 +8,7 @@ and returns only the seconds it took: tiles never travel through the client.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import sys
 import time
@@ -166,7 +167,8 @@ def _run_distributed(
         threads = sum(client.nthreads().values()) or 1
         max_in_flight = int(config.get("tasks-per-thread")) * threads
     pending = iter(todo)
-    job = args[1].split("/")[0].replace(":", "")[-6:]
+    # Task keys unique to this store and its creation, so jobs sharing a cluster never collide.
+    job = hashlib.sha1(f"{args[0]}|{args[1]}".encode()).hexdigest()[:10]
 
     def submit(tile: Tile) -> Any:
         key = f"tile-{job}-{tile.array}-" + "-".join(map(str, tile.index))

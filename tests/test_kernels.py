@@ -163,3 +163,15 @@ def test_matches_neural_tangents():
     # neural-tangents' NTK diagonal carries arccos(1 - eps) rounding (~1e-8): loose there
     np.testing.assert_allclose(ntk.diag(x)[:3], [2.330017858883189, 2.288238846351671,
                                                  2.2313130971344424], rtol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ["relu", "erf", "tanh"])
+def test_backends_agree(xp, activation):
+    """The same code on each array namespace (CuPy runs only where a GPU is present)."""
+    x = np.random.default_rng(8).random((9, 20))
+    spec = Spec(depth=4, weight_var=1.6, bias_var=0.1, activation=activation, kernel="ntk")
+    from nngp_dist.backend import to_host
+
+    got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:4])))
+    np.testing.assert_allclose(got, spec.cross(x, x[:4]), rtol=1e-10)
+    np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)

@@ -8,7 +8,7 @@ NNGP is the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from .. import backend
@@ -79,13 +79,3 @@ def serial(*layers: Layer) -> Layer:
 
 def _name(f: Any) -> str:
     return getattr(f, "__name__", repr(f))
-
-
-def taps(layers: Iterable[Layer], state: KernelState, at: set[int]) -> dict[int, KernelState]:
-    """Apply ``layers`` in turn, keeping the state after each layer whose index is in ``at``."""
-    kept = {}
-    for i, layer in enumerate(layers):
-        state = layer(state)
-        if i in at:
-            kept[i] = state
-    return kept
