@@ -7,9 +7,11 @@ and returns only the seconds it took: tiles never travel through the client.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import itertools
+import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -31,6 +33,28 @@ class JobError(RuntimeError):
 
 
 # --- worker side ------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _tune_allocator() -> bool:
+    """Let glibc reuse freed heap memory for the recursion's many short-lived temporaries.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which (like any explicit
+    malloc setting) turns off glibc's adaptive mmap threshold: every temporary of 128 KiB or more
+    is then mapped fresh and page-faulted in, and smaller ones are trimmed from the heap and
+    re-grown. Measured on a 2048 x 2048 ReLU tile: 0.84 s with that setting, 0.56 s without.
+    Here temporaries below 32 MiB come from the heap and up to 64 MiB of free heap is kept;
+    whole tiles (32 MiB and up) are still mapped and returned to the OS when freed.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 64 << 20)
+    return bool(ok)
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,6 +83,7 @@ def run_tile(
 ) -> float:
     """Compute one tile and write it, then its completion record. Returns seconds taken."""
     start = time.perf_counter()
+    _tune_allocator()
     use_gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
     group = _group(url, token)
     row_part = "train" if tile.array in ("k_train_train", "k_train_diag") else "test"
