@@ -20,6 +20,9 @@ DEFAULTS = {
     "dtype": "float64",
     # Tile tasks in flight per worker thread (the client submits in a sliding window).
     "tasks-per-thread": 2,
+    # GP noise (jitter) relative to the mean training diagonal, and the cap of its escalation.
+    "noise": 1e-6,
+    "max-noise": 0.1,
     # How long to wait for a scheduler before giving up.
     "connect-timeout": "10s",
 }

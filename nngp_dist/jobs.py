@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
+import time
 from typing import Any
+
+import numpy as np
 
 from . import config, datasets
 from .cluster import connect
 from .compute import compute_kernel
 from .errors import UserError
 from .kernels import Spec
-from .storage import KernelStore
+from .storage import KernelStore, _utcnow
 from .tiling import TilePlan
 
-__all__ = ["kernel"]
+__all__ = ["kernel", "predict", "run", "solve"]
 
 
 def kernel(
@@ -95,7 +100,184 @@ def kernel(
             **compute_kernel(ks, client=c, device=device, progress=progress),
         }
 
-    if client is not None or scheduler == "synchronous":
-        return run(client)
+    return _with_client(run, client, scheduler, workers, memory_limit, allow_synchronous=True)
+
+
+def _with_client(
+    fn: Any,
+    client: Any,
+    scheduler: str | None,
+    workers: int | None,
+    memory_limit: str | None,
+    allow_synchronous: bool = False,
+) -> Any:
+    if client is not None:
+        return fn(client)
+    if scheduler == "synchronous":
+        if allow_synchronous:
+            return fn(None)
+        scheduler = None  # the solver stages need a task graph: use an embedded cluster
     with connect(scheduler, workers=workers, memory_limit=memory_limit) as c:
-        return run(c)
+        return fn(c)
+
+
+def solve(
+    store: str,
+    *,
+    noise: float | None = None,
+    max_noise: float | None = None,
+    method: str = "cholesky",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+    client: Any = None,
+) -> dict:
+    """Factor the stored kernel plus noise and solve for ``alpha``; return the solve record.
+
+    ``noise`` is relative to the mean training diagonal (default ``nngp-dist.noise``); on a
+    non-positive pivot the factorisation restarts with 10x the noise, up to ``max_noise``. The
+    noise used, every attempt and the log marginal likelihood are recorded in the store.
+    """
+    from .predict import solve_alpha, targets  # noqa: PLC0415
+    from .solvers.cholesky import NotPositiveDefinite, factorize  # noqa: PLC0415
+
+    noise = _positive("--noise", config.get("noise", noise))
+    max_noise = _positive("--max-noise", config.get("max-noise", max_noise))
+    if max_noise < noise:
+        raise UserError(f"--max-noise {max_noise:g} is below --noise {noise:g}")
+    if method == "cg":
+        raise NotImplementedError(
+            "--method cg (conjugate gradients) is not implemented yet; use --method cholesky"
+        )
+    if method != "cholesky":
+        raise UserError(f"unknown --method {method!r}; choose cholesky or cg")
+    ks = KernelStore.open(store, "r+")
+    st = ks.status()
+    missing = st["tiles_total"] - st["tiles_done"]
+    if missing:
+        raise UserError(
+            f"the kernel in {store} is incomplete: {missing} of {st['tiles_total']} tiles are "
+            "missing. Finish it by re-running the same 'nngp-dist kernel' command (it computes "
+            "only the missing tiles), then solve."
+        )
+    y_train, y_test = ks.group["y_train"][...], ks.group["y_test"][...]
+    if y_train.dtype.kind == "f" and not np.isfinite(y_train).all():
+        raise UserError(f"{store}: y_train has NaN or infinite targets")
+    n_classes = int(max(y_train.max(), y_test.max()) + 1) if y_train.dtype.kind in "iu" else None
+    t_train = targets(y_train, n_classes)
+
+    def go(c: Any) -> dict:
+        start = time.perf_counter()
+        ks.record_stage("solve", started=_utcnow(), finished=None)
+        try:
+            factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
+        except NotPositiveDefinite as e:
+            raise UserError(str(e)) from None
+        ks.prepare_solve(t_train)
+        lml = solve_alpha(ks, client=c)["log_marginal_likelihood"]
+        record = {
+            "method": method,
+            "noise": factor["noise_rel"],
+            "noise_abs": factor["noise"],
+            "noise_requested": noise,
+            "attempts": factor["attempts"],
+            "log_marginal_likelihood": lml,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        ks.update_meta(solve=record)
+        ks.record_stage("solve", finished=_utcnow(), seconds=record["seconds"])
+        return record
+
+    return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def predict(
+    store: str,
+    *,
+    json_path: str | None = None,
+    bins: int = 10,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+    client: Any = None,
+) -> dict:
+    """Posterior means and variances of the test points, metrics; optionally a JSON report.
+
+    The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
+    ``calibration`` (test points binned by predicted variance), ``noise``, ``n_train``,
+    ``n_test``, ``variance_clamped`` and ``seconds`` per stage.
+    """
+    from .predict import metrics, predict_block_size, predict_test  # noqa: PLC0415
+
+    ks = KernelStore.open(store, "r+")
+    if ks.status()["stage"] not in ("solved", "predict", "done"):
+        raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
+    meta = ks.meta
+    ks.prepare_predict(predict_block_size(meta["n_train"], meta["tile_size"]))
+
+    def go(c: Any) -> dict:
+        start = time.perf_counter()
+        ks.record_stage("predict", started=_utcnow(), finished=None)
+        clamped = predict_test(ks, client=c, progress=progress)["variance_clamped"]
+        meta = ks.meta
+        report = {
+            **metrics(ks, bins=bins),
+            "log_marginal_likelihood": meta["solve"]["log_marginal_likelihood"],
+            "noise": meta["solve"]["noise"],
+            "noise_abs": meta["solve"]["noise_abs"],
+            "n_train": meta["n_train"],
+            "n_test": meta["n_test"],
+            "variance_clamped": clamped,
+        }
+        seconds = round(time.perf_counter() - start, 3)
+        ks.record_stage("predict", finished=_utcnow(), seconds=seconds)
+        stages = ks.meta["stages"]
+        report["seconds"] = {
+            k: stages.get(k, {}).get("seconds") for k in ("kernel", "solve", "predict")
+        }
+        ks.update_meta(predict=report)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
+
+    return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def run(
+    store: str,
+    *,
+    noise: float | None = None,
+    max_noise: float | None = None,
+    method: str = "cholesky",
+    json_path: str | None = None,
+    bins: int = 10,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+    client: Any = None,
+    **kernel_options: Any,
+) -> dict:
+    """Kernel, solve and predict in one go on one cluster; returns the predict report."""
+
+    def go(c: Any) -> dict:
+        kernel(store, client=c, progress=progress, **kernel_options)
+        solve(store, noise=noise, max_noise=max_noise, method=method, client=c, progress=progress)
+        return predict(store, json_path=json_path, bins=bins, client=c, progress=progress)
+
+    if scheduler == "synchronous":
+        scheduler = None
+    return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise UserError(f"{name} must be positive and finite, got {value!r}")
+    return v

@@ -251,7 +251,7 @@ class KernelStore:
         tiles_total = sum(a["total"] for a in arrays.values())
         return {
             "store": self.url,
-            "stage": "kernel" if tiles_done < tiles_total else "kernel-done",
+            "stage": self._stage(tiles_done < tiles_total),
             "tiles_done": tiles_done,
             "tiles_total": tiles_total,
             "arrays": arrays,
@@ -263,9 +263,77 @@ class KernelStore:
             "tile_size": meta["tile_size"],
             "dtype": meta["dtype"],
             "stages": meta.get("stages", {}),
+            "factor": meta.get("factor"),
+            "solve": meta.get("solve"),
+            "predict": meta.get("predict"),
+            **self.solver_progress(),
         }
 
+    def _stage(self, kernel_missing: bool) -> str:
+        meta = self.meta
+        factor = meta.get("factor") or {}
+        if kernel_missing:
+            return "kernel"
+        if not factor:
+            return "kernel-done"
+        if not factor.get("complete") or not meta.get("solve"):
+            return "solve"
+        if "tiles/predict" not in self.group:
+            return "solved"
+        if np.isnan(self.group["tiles/predict"][...]).any() or not meta.get("predict"):
+            return "predict"
+        return "done"
+
+    def solver_progress(self) -> dict:
+        """Factor tiles done and prediction blocks done, for ``status``."""
+        g = self.group
+        out = {}
+        if "tiles/chol" in g:
+            rec = ~np.isnan(g["tiles/chol"][...])
+            out["factor_tiles"] = {
+                "done": int(np.triu(rec).sum()),
+                "total": int(np.triu(np.ones_like(rec)).sum()),
+            }
+        if "tiles/predict" in g:
+            rec = ~np.isnan(g["tiles/predict"][...])
+            out["predict_blocks"] = {"done": int(rec.sum()), "total": int(rec.size)}
+        return out
+
     # --- writing (client side: attributes only) -----------------------------------------------
+
+    def prepare_solve(self, t_train: np.ndarray) -> None:
+        """(Re)create ``t_train`` and ``alpha``; forget any earlier predictions."""
+        n, c = t_train.shape
+        t = self.meta["tile_size"]
+        g = self.group
+        for name in ("t_train", "alpha"):
+            g.create_array(name, shape=(n, c), chunks=(t, c), dtype="float64", fill_value=np.nan,
+                           dimension_names=("train", "output"), overwrite=True)  # fmt: skip
+        g["t_train"][...] = t_train
+        for name in ("mean", "variance", "tiles/predict"):
+            if name in g:
+                del g[name]
+        self.update_meta(solve=None, predict=None)
+
+    def prepare_predict(self, block: int) -> None:
+        """Create ``mean``, ``variance`` and their records unless present for this block size."""
+        g = self.group
+        meta = self.meta
+        if "tiles/predict" in g and meta.get("predict_block") == block:
+            return
+        m, c = meta["n_test"], g["t_train"].shape[1]
+        g.create_array("mean", shape=(m, c), chunks=(block, c), dtype="float64", fill_value=np.nan,
+                       dimension_names=("test", "output"), overwrite=True)  # fmt: skip
+        g.create_array("variance", shape=(m,), chunks=(block,), dtype="float64",
+                       fill_value=np.nan, dimension_names=("test",), overwrite=True)  # fmt: skip
+        g["tiles"].create_array("predict", shape=(-(-m // block),), chunks=(1,), dtype="float32",
+                                fill_value=np.nan, dimension_names=("test_block",),
+                                compressors=None, overwrite=True)  # fmt: skip
+        self.update_meta(predict_block=block, predict=None)
+
+    def update_meta(self, **fields: Any) -> None:
+        """Set top-level entries of the ``nngp_dist`` root attribute."""
+        self.group.attrs["nngp_dist"] = {**self.meta, **fields}
 
     def record_stage(self, stage: str, **fields: Any) -> None:
         """Merge ``fields`` into the record of ``stage`` in the root attributes."""

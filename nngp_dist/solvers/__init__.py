@@ -1,0 +1,1 @@
+"""Solvers over the kernel store: the tiled Cholesky factorisation (and, later, CG)."""
