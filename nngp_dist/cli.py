@@ -106,6 +106,19 @@ kernel_options = _options(
         help="Storage dtype [default: float64]; evaluation is always float64.",
     ),
     click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "gpu"]),
+        default="auto",
+        show_default=True,
+        help="Where workers evaluate tiles (auto: GPU if CuPy sees one).",
+    ),
+    click.option(
+        "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
+    ),
+)
+
+cluster_options = _options(
+    click.option(
         "--scheduler",
         default=None,
         envvar="DASK_SCHEDULER_ADDRESS",
@@ -123,17 +136,46 @@ kernel_options = _options(
         default=None,
         help="Memory limit per embedded worker, e.g. 2GB [default: shared evenly].",
     ),
-    click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "gpu"]),
-        default="auto",
-        show_default=True,
-        help="Where workers evaluate tiles (auto: GPU if CuPy sees one).",
-    ),
-    click.option(
-        "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
-    ),
     click.option("--quiet", is_flag=True, help="No progress bar."),
+)
+
+solve_options = _options(
+    click.option(
+        "--noise",
+        type=float,
+        default=None,
+        help="GP noise relative to the mean training diagonal [default: 1e-6].",
+    ),
+    click.option(
+        "--max-noise",
+        type=float,
+        default=None,
+        help="Cap of the 10x noise escalation on a non-positive pivot [default: 0.1].",
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(["cholesky", "cg"]),
+        default="cholesky",
+        show_default=True,
+        help="Solver (cg is not implemented yet).",
+    ),
+)
+
+predict_options = _options(
+    click.option(
+        "--json",
+        "json_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Write the report (accuracy, mse, log marginal likelihood, ...) here.",
+    ),
+    click.option(
+        "--bins",
+        type=int,
+        default=10,
+        show_default=True,
+        help="Calibration bins (test points binned by predicted variance).",
+    ),
 )
 
 
@@ -145,6 +187,7 @@ def main() -> None:
 
 @main.command()
 @kernel_options
+@cluster_options
 @_user_errors
 def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
     """Compute a network's kernel into a store (resumes a partly computed store)."""
@@ -156,6 +199,64 @@ def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
         f"{summary['tiles_skipped']} already done, {summary['tiles_total']} in all "
         f"({summary['seconds']:.1f} s)"
     )
+
+
+@main.command()
+@store_option
+@solve_options
+@cluster_options
+@_user_errors
+def solve(quiet: bool, **options: Any) -> None:
+    """Factor the kernel plus noise (tiled Cholesky) and solve for the GP weights alpha."""
+    from . import jobs  # noqa: PLC0415
+
+    rec = jobs.solve(progress=not quiet, **options)
+    click.echo(
+        f"{options['store']}: solved with noise {rec['noise']:g} (relative; "
+        f"{rec['noise_abs']:.3g} absolute), log marginal likelihood "
+        f"{rec['log_marginal_likelihood']:.6g} ({rec['seconds']:.1f} s)"
+    )
+
+
+@main.command()
+@store_option
+@predict_options
+@cluster_options
+@_user_errors
+def predict(quiet: bool, **options: Any) -> None:
+    """Posterior means and variances of the test points; accuracy, MSE, calibration."""
+    from . import jobs  # noqa: PLC0415
+
+    _report(jobs.predict(progress=not quiet, **options))
+
+
+@main.command()
+@kernel_options
+@solve_options
+@predict_options
+@cluster_options
+@_user_errors
+def run(kernel_kind: str, quiet: bool, **options: Any) -> None:
+    """kernel, solve and predict in one go (each resumes what a store already holds)."""
+    from . import jobs  # noqa: PLC0415
+
+    _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
+
+
+def _report(r: dict) -> None:
+    if "accuracy" in r:
+        click.echo(f"accuracy:  {r['accuracy']:.4f}")
+    click.echo(f"mse:       {r['mse']:.6g}")
+    click.echo(f"log marginal likelihood: {r['log_marginal_likelihood']:.6g}")
+    click.echo(f"noise:     {r['noise']:g} (relative), {r['n_train']} train, {r['n_test']} test")
+    if r["variance_clamped"]:
+        click.echo(f"warning: {r['variance_clamped']} negative variances clamped to zero", err=True)
+    click.echo("calibration (test points binned by predicted variance):")
+    click.echo("  mean variance    realised mse    count")
+    for b in r["calibration"]:
+        click.echo(f"  {b['mean_variance']:13.6g}  {b['mse']:14.6g}  {b['count']:7d}")
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items() if v is not None)
+    click.echo(f"time:      {secs}")
 
 
 @main.command()
@@ -189,7 +290,17 @@ def status(store: str, as_json: bool) -> None:
             f"{stage}:  started {rec.get('started')}, finished {rec.get('finished')}, "
             f"{rec.get('seconds')} s"
         )
-    click.echo(f"task time: {st['task_seconds']} s summed over tiles")
+    click.echo(f"task time: {st['task_seconds']} s summed over kernel tiles")
+    if "factor_tiles" in st:
+        f = st["factor_tiles"]
+        click.echo(f"factor:  {f['done']} / {f['total']} tiles")
+    if "predict_blocks" in st:
+        p = st["predict_blocks"]
+        click.echo(f"predict: {p['done']} / {p['total']} test blocks")
+    if st.get("predict"):
+        r = st["predict"]
+        acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
+        click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
 
 
 if __name__ == "__main__":  # pragma: no cover
