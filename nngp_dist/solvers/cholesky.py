@@ -150,7 +150,7 @@ def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, b
     def submit(fn: Any, name: str, priority: int, *args: Any, deps: tuple = ()) -> Any:
         fut = client.submit(
             fn, url, token, t, n, *args, noise, *[d for d in deps if d is not None],
-            key=workers.task_key(url, token, name, *args), priority=priority,
+            key=workers.task_key(url, token, name, *args, f"{noise:.17g}"), priority=priority,
         )  # fmt: skip
         submitted.add(fut)
         waves[-1].append(fut)
@@ -177,6 +177,14 @@ def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, b
                 _drain(waves.pop(0), bar, submitted)
         for wave in waves:
             _drain(wave, bar, submitted)
+    except Exception:
+        # Let every submitted task settle (dependents of the failed one err at once) before the
+        # caller restarts: a cancelled task that is already running would go on writing into
+        # the next attempt's arrays.
+        from distributed import wait  # noqa: PLC0415
+
+        wait(list(submitted))
+        raise
     except BaseException:
         client.cancel(list(submitted))
         raise

@@ -1,0 +1,200 @@
+"""Tiled Cholesky, solves and posterior against SciPy; resume, jitter escalation, memory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+import zarr
+from distributed import Client, LocalCluster
+
+import nngp_dist
+from nngp_dist import KernelStore, UserError, jobs
+from nngp_dist.predict import targets
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+        yield c
+
+
+def scipy_posterior(store, noise_rel):
+    """The plain in-memory SciPy pipeline on the kernel read back from the store."""
+    ds = nngp_dist.open_store(str(store))
+    k, ks = ds.k_train_train.values, ds.k_test_train.values
+    s = noise_rel * ds.k_train_diag.values.mean()
+    y = ds.y_train.values
+    t = (
+        targets(y, int(max(y.max(), ds.y_test.values.max()) + 1))
+        if y.dtype.kind == "i"
+        else y[:, None]
+    )
+    c = t.shape[1]
+    low = sl.cholesky(k + s * np.eye(len(k)), lower=True)
+    alpha = sl.cho_solve((low, True), t)
+    w = sl.solve_triangular(low, ks.T, lower=True)
+    var = ds.k_test_diag.values - (w * w).sum(0)
+    lml = (
+        -0.5 * (t * alpha).sum()
+        - c * np.log(np.diag(low)).sum()
+        - 0.5 * c * len(k) * np.log(2 * np.pi)
+    )
+    return alpha, ks @ alpha, var, lml
+
+
+def check_against_scipy(store, noise_rel, report):
+    alpha, mean, var, lml = scipy_posterior(store, noise_rel)
+    g = zarr.open_group(str(store), mode="r")
+    scale = np.abs(mean).max()
+    np.testing.assert_allclose(g["alpha"][...], alpha, rtol=1e-7, atol=1e-8 * np.abs(alpha).max())
+    np.testing.assert_allclose(g["mean"][...], mean, rtol=1e-8, atol=1e-8 * scale)
+    np.testing.assert_allclose(g["variance"][...], np.maximum(var, 0), atol=1e-6 * var.max())
+    assert report["log_marginal_likelihood"] == pytest.approx(lml, rel=1e-9)
+
+
+def make_kernel(tmp_path, client, n=150, m=40, tile=32, **kw):
+    store = tmp_path / "k.zarr"
+    spec = {"depth": 2, "weight_var": 1.6, "bias_var": 0.2, **kw}
+    jobs.kernel(str(store), dataset="demo", train_size=n, test_size=m, tile_size=tile,
+                client=client, progress=False, **spec)  # fmt: skip
+    return store
+
+
+@pytest.mark.parametrize("n,tile", [(150, 32), (150, 50), (130, 130), (97, 200)])
+def test_real_kernel_against_scipy(tmp_path, client, n, tile):
+    store = make_kernel(tmp_path, client, n=n, tile=tile)
+    jobs.solve(str(store), noise=1e-3, client=client, progress=False)
+    report = jobs.predict(str(store), client=client, progress=False)
+    check_against_scipy(store, 1e-3, report)
+    assert 0 <= report["accuracy"] <= 1 and report["n_train"] == n
+    assert sum(b["count"] for b in report["calibration"]) == 40
+    assert KernelStore.open(str(store)).status()["stage"] == "done"
+
+
+def test_seeded_spd_matrix_regression_targets(tmp_path, client):
+    """A random SPD matrix (not a network kernel) with float targets, written into a store."""
+    rng = np.random.default_rng(5)
+    n, m = 90, 25
+    x = rng.standard_normal((n + m, 12))
+    np.savez(tmp_path / "d.npz", x_train=x[:n], y_train=rng.standard_normal(n),
+             x_test=x[n:], y_test=rng.standard_normal(m))  # fmt: skip
+    store = tmp_path / "k.zarr"
+    jobs.kernel(str(store), dataset=f"npz:{tmp_path / 'd.npz'}", tile_size=20, client=client,
+                progress=False)  # fmt: skip
+    a = rng.standard_normal((n + m, n + m))
+    full = a @ a.T / (n + m) + 0.5 * np.eye(n + m)
+    g = zarr.open_group(str(store), mode="r+")
+    g["k_train_train"][...] = np.triu(full[:n, :n])  # only the upper tiles are read
+    g["k_test_train"][...] = full[n:, :n]
+    g["k_train_diag"][...] = np.diag(full)[:n]
+    g["k_test_diag"][...] = np.diag(full)[n:]
+    jobs.solve(str(store), noise=1e-6, client=client, progress=False)
+    report = jobs.predict(str(store), client=client, progress=False)
+    assert "accuracy" not in report
+    ds = nngp_dist.open_store(str(store))
+    np.testing.assert_array_equal(
+        ds.k_train_train.values, np.triu(full[:n, :n]) + np.triu(full[:n, :n], 1).T
+    )
+    check_against_scipy(store, 1e-6, report)
+
+
+def test_jitter_escalates_on_a_rank_deficient_kernel(tmp_path, client):
+    # A linear kernel of 10-dimensional inputs has rank 11 < N: singular without noise.
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "d.npz", x_train=rng.random((60, 10)), y_train=rng.integers(0, 3, 60),
+             x_test=rng.random((7, 10)), y_test=rng.integers(0, 3, 7))  # fmt: skip
+    store = tmp_path / "k.zarr"
+    jobs.kernel(str(store), dataset=f"npz:{tmp_path / 'd.npz'}", depth=0, bias_var=0.1,
+                tile_size=16, client=client, progress=False)  # fmt: skip
+    rec = jobs.solve(str(store), noise=1e-18, client=client, progress=False)
+    assert rec["noise"] > 1e-18 and len(rec["attempts"]) >= 2
+    assert rec["attempts"][-1]["result"] == "ok"
+    assert all("not positive definite" in a["result"] for a in rec["attempts"][:-1])
+    assert [a["noise"] for a in rec["attempts"]] == pytest.approx(
+        [1e-18 * 10**i for i in range(len(rec["attempts"]))], rel=1e-9
+    )
+    # At a noise this small the system is ill-conditioned (cond ~ 1e13), so check that alpha
+    # solves it (a backward-stable residual) rather than compare it with another solver.
+    ds = nngp_dist.open_store(str(store))
+    k = ds.k_train_train.values + rec["noise_abs"] * np.eye(60)
+    t = targets(ds.y_train.values, 3)
+    alpha = zarr.open_group(str(store))["alpha"][...]
+    norm = np.linalg.norm
+    backward_error = norm(k @ alpha - t) / (norm(k, 2) * norm(alpha) + norm(t))
+    assert backward_error < 1e-13
+
+
+def test_indefinite_at_the_cap_is_a_clear_error_and_kernel_untouched(tmp_path, client):
+    store = make_kernel(tmp_path, client, n=64, tile=16)
+    g = zarr.open_group(str(store), mode="r+")
+    g["k_train_train"][0:16, 0:16] = -np.eye(16)  # a negative-definite block
+    before = g["k_train_train"][...]
+    with pytest.raises(UserError, match="stays indefinite"):
+        jobs.solve(str(store), noise=1e-6, max_noise=1e-4, client=client, progress=False)
+    np.testing.assert_array_equal(g["k_train_train"][...], before)
+    meta = zarr.open_group(str(store), mode="r").attrs["nngp_dist"]
+    assert len(meta["factor"]["attempts"]) == 3  # 1e-6, 1e-5, 1e-4
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"noise": 0.0}, "positive"), ({"noise": float("nan")}, "positive"),
+     ({"noise": 1e-3, "max_noise": 1e-4}, "below"), ({"method": "lu"}, "unknown --method")],
+)  # fmt: skip
+def test_bad_solver_options(tmp_path, client, kw, match):
+    store = make_kernel(tmp_path, client, n=40, tile=16)
+    with pytest.raises(UserError, match=match):
+        jobs.solve(str(store), client=client, progress=False, **kw)
+
+
+def test_cg_is_not_faked(tmp_path, client):
+    store = make_kernel(tmp_path, client, n=40, tile=16)
+    with pytest.raises(NotImplementedError, match="not implemented"):
+        jobs.solve(str(store), method="cg", client=client, progress=False)
+
+
+def test_incomplete_kernel_and_unsolved_store_are_refused(tmp_path, client):
+    store = make_kernel(tmp_path, client, n=40, tile=16)
+    with pytest.raises(UserError, match="no solution yet"):
+        jobs.predict(str(store), client=client, progress=False)
+    zarr.open_group(str(store), mode="r+")["tiles/k_train_train"][0, 2] = np.nan
+    with pytest.raises(UserError, match="1 of 21 tiles are missing"):
+        jobs.solve(str(store), client=client, progress=False)
+
+
+def test_killed_factorisation_resumes(tmp_path):
+    """SIGKILL a real `nngp-dist solve` (client, scheduler and workers) mid-way, then re-run."""
+    store = tmp_path / "k.zarr"
+    nngp_dist.kernel(str(store), dataset="demo", train_size=1200, test_size=50, tile_size=100,
+                     depth=2, scheduler="synchronous", progress=False)  # fmt: skip
+    cmd = [sys.executable, "-m", "nngp_dist.cli", "solve", "--store", str(store), "--noise",
+           "1e-3", "--workers", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    rec_dir = store / "tiles" / "chol" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rec_dir.exists() and sum(1 for _ in rec_dir.rglob("*")) > 25:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the factorisation finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: client, scheduler and workers
+    proc.wait()
+    done_before = int((~np.isnan(zarr.open_group(str(store))["tiles/chol"][...])).sum())
+    assert 0 < done_before < 78
+    out = subprocess.run([*cmd[:-1], "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    meta = zarr.open_group(str(store)).attrs["nngp_dist"]
+    assert meta["factor"]["attempts"][-1]["tiles_resumed"] >= done_before
+    out = subprocess.run([sys.executable, "-m", "nngp_dist.cli", "predict", "--store", str(store),
+                          "--json", str(tmp_path / "r.json"), "--quiet"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    check_against_scipy(store, 1e-3, json.loads((tmp_path / "r.json").read_text()))
