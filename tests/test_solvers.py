@@ -198,3 +198,35 @@ def test_killed_factorisation_resumes(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     check_against_scipy(store, 1e-3, json.loads((tmp_path / "r.json").read_text()))
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_kernel_several_times_larger_than_worker_memory(tmp_path):
+    """N = 8000: the 512 MB float64 kernel is 2.6x each worker's 200 MB limit; the whole job
+    (kernel, factor, solve, predict) completes and no worker's peak RSS passes its limit."""
+    from nngp_dist.cluster import connect
+
+    rng = np.random.default_rng(9)
+    n = 8000
+    np.savez(tmp_path / "d.npz", x_train=rng.random((n, 20)), y_train=rng.integers(0, 10, n),
+             x_test=rng.random((300, 20)), y_test=rng.integers(0, 10, 300))  # fmt: skip
+    store = str(tmp_path / "k.zarr")
+    limit = 200e6
+    with connect(workers=2, memory_limit=int(limit)) as c:
+        options = {"depth": 2, "weight_var": 1.5, "bias_var": 0.1, "tile_size": 400}
+        data = f"npz:{tmp_path / 'd.npz'}"
+        report = jobs.run(store, dataset=data, noise=1e-3, client=c, progress=False, **options)
+        peaks = c.run(_peak_rss)
+    assert n * n * 8 > 2.5 * limit
+    assert max(peaks.values()) < limit, peaks
+    assert report["n_train"] == n and KernelStore.open(store).status()["stage"] == "done"
+    ds = nngp_dist.open_store(store)
+    k = ds.k_train_train.values + report["noise_abs"] * np.eye(n)
+    alpha = ds["alpha"].values
+    t = targets(ds.y_train.values, 10)
+    assert np.linalg.norm(k @ alpha - t) / np.linalg.norm(t) < 1e-8
