@@ -49,7 +49,7 @@ def connect(
             )
         try:
             client = Client(address, timeout=wait)
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError) as e:
             raise UserError(
                 f"cannot reach the Dask scheduler at {address} within {wait:g} s ({e}). Check "
                 "the address and that the scheduler runs, or leave out --scheduler (and unset "

@@ -68,13 +68,14 @@ def run_tile(
             xp = backend.namespace(values)
             xp.fill_diagonal(values, spec.diag(x1))
         target = (rows, cols)
-    values = backend.to_host(values)
-    if not np.isfinite(values).all():
+    with np.errstate(over="ignore"):  # overflow to inf in float32 is caught just below
+        values = backend.to_host(values).astype(dtype, copy=False)
+    if not np.isfinite(values).all():  # checked in the storage dtype: float32 can overflow
         raise FloatingPointError(
-            f"{tile}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries "
-            f"(spec {spec.to_json()}); nothing was recorded for this tile"
+            f"{tile}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
+            f"{dtype} (spec {spec.to_json()}); nothing was recorded for this tile"
         )
-    group[tile.array][target] = values.astype(dtype, copy=False)
+    group[tile.array][target] = values
     seconds = time.perf_counter() - start
     group[f"tiles/{tile.array}"][tile.index] = max(seconds, 1e-9)
     return seconds
@@ -104,6 +105,7 @@ def compute_kernel(
     max_in_flight: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    spec: Spec | None = None,
 ) -> dict:
     """Compute every missing tile of ``store``; return a summary of this run.
 
@@ -116,7 +118,8 @@ def compute_kernel(
         raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
     meta = store.meta
     plan = store.plan
-    spec = store.spec
+    if spec is None or spec.hash != meta["spec_hash"]:
+        spec = store.spec  # as recorded; a given spec is used only when it is the same one
     token = workers.store_token(meta)
     todo = plan.missing({a: store.done(a) for a in KERNEL_ARRAYS})
     total = plan.total()
@@ -130,7 +133,13 @@ def compute_kernel(
     try:
         if client is None:
             for tile in todo:
-                run_tile(*args, tile, meta["dtype"], device)
+                try:
+                    run_tile(*args, tile, meta["dtype"], device)
+                except Exception as e:
+                    raise JobError(
+                        f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
+                        "kept; re-run the same command to resume."
+                    ) from e
                 bar.update()
         else:
             _run_distributed(client, args, todo, meta["dtype"], device, max_in_flight, bar)

@@ -121,6 +121,7 @@ def load(
     else:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     ds = Dataset(name, *(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
+    _check_dims(ds)
     ds = _subset(ds, train_size, test_size)
     ds = _as_float(ds)
     if standardize:
@@ -151,6 +152,18 @@ def validate(ds: Dataset) -> None:
         )
     if ds.y_train.shape[1:] != ds.y_test.shape[1:]:
         raise UserError(f"{ds.name}: train and test targets differ in shape per example")
+
+
+def _check_dims(ds: Dataset) -> None:
+    for part in ("train", "test"):
+        x, y = getattr(ds, f"x_{part}"), getattr(ds, f"y_{part}")
+        if x.ndim < 2:
+            raise UserError(
+                f"{ds.name}: x_{part} has shape {x.shape}; inputs need an examples axis and at "
+                "least one feature axis, e.g. (n, d) or (n, height, width)"
+            )
+        if y.ndim < 1:
+            raise UserError(f"{ds.name}: y_{part} is a scalar; give one label per example")
 
 
 def _subset(ds: Dataset, train_size: int | None, test_size: int | None) -> Dataset:

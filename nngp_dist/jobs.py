@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from . import config, datasets
+from . import backend, config, datasets
 from .cluster import connect
 from .compute import compute_kernel
 from .errors import UserError
 from .kernels import Spec
-from .storage import KernelStore, _utcnow
+from .storage import KernelStore, _utcnow, normalize_url
 from .tiling import TilePlan
 
 __all__ = ["kernel", "predict", "run", "solve"]
@@ -69,7 +69,7 @@ def kernel(
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    tile_size = int(config.get("tile-size", tile_size))
+    tile_size = _integer("tile-size", config.get("tile-size", tile_size))
     if tile_size < 1:
         raise UserError(f"--tile-size must be positive, got {tile_size}")
     dtype = str(config.get("dtype", dtype))
@@ -82,6 +82,12 @@ def kernel(
         test_size=test_size,
         standardize=standardize,
     ).flattened()
+    _probe(spec, data, dtype)
+    if device == "gpu" and not backend.cupy_available():
+        raise UserError(
+            "--device gpu: CuPy with a GPU is not available here (pip install '.[gpu]')"
+        )
+    store = normalize_url(store)
     meta = KernelStore.identity(spec, data, tile_size, dtype)
     action = KernelStore.check(store, meta, overwrite=overwrite)
     plan = TilePlan(len(data.x_train), len(data.x_test), tile_size)
@@ -97,7 +103,7 @@ def kernel(
         return {
             "store": str(store),
             "action": action,
-            **compute_kernel(ks, client=c, device=device, progress=progress),
+            **compute_kernel(ks, client=c, device=device, progress=progress, spec=spec),
         }
 
     return _with_client(run, client, scheduler, workers, memory_limit, allow_synchronous=True)
@@ -271,6 +277,39 @@ def run(
     if scheduler == "synchronous":
         scheduler = None
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _probe(spec: Spec, data: Any, dtype: str) -> None:
+    """Evaluate the kernel on a few inputs before anything is written, so that a bad activation
+    (one that does not take arrays) or overflowing inputs fail here, not inside a tile."""
+    try:
+        Spec.from_dict(spec.to_dict())
+    except ValueError as e:
+        raise UserError(
+            f"the activation {spec.activation.name!r} cannot be recorded in the store and "
+            f"rebuilt by the workers ({e}); give a Python function as 'module:function' "
+            "naming an importable module-level function"
+        ) from None
+    x = np.concatenate([data.x_train[:3], data.x_test[:2]])
+    try:
+        k = spec.cross(x, x)
+        d = spec.diag(x)
+    except Exception as e:  # the user's function, whatever it raises
+        raise UserError(f"the kernel cannot be evaluated: {type(e).__name__}: {e}") from None
+    with np.errstate(over="ignore"):  # overflow in the cast is what is being checked
+        finite = np.isfinite(k.astype(dtype)).all() and np.isfinite(d.astype(dtype)).all()
+    if not finite:
+        raise UserError(
+            f"the kernel of the first inputs is not finite in {dtype} (overflow?): check the "
+            "inputs' scale, --weight-var, --bias-var, --depth and --dtype"
+        )
+
+
+def _integer(key: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be an integer, got {value!r}") from None
 
 
 def _positive(name: str, value: Any) -> float:

@@ -78,6 +78,26 @@ def _local_path(url: str) -> Path:
     return Path(url.removeprefix("file://")).expanduser()
 
 
+def normalize_url(url: str | os.PathLike) -> str:
+    """A local path made absolute (``~`` expanded), so the client, every worker and every later
+    run mean the same directory; URLs of other file systems unchanged."""
+    url = os.fspath(url)
+    return str(_local_path(url).resolve()) if _is_local(url) else url
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    """``zarr.open_group`` with the errors of an unusable URL turned into :class:`UserError`."""
+    try:
+        return zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise
+    except (ImportError, ValueError, OSError) as e:
+        raise UserError(
+            f"cannot open {url} as a Zarr store ({type(e).__name__}: {e}); for a remote URL "
+            "install its fsspec implementation (s3fs for s3://, gcsfs for gs://)"
+        ) from None
+
+
 class KernelStore:
     """A kernel store at ``url`` (a directory or any fsspec URL zarr accepts)."""
 
@@ -90,15 +110,21 @@ class KernelStore:
     @classmethod
     def open(cls, url: str, mode: str = "r") -> KernelStore:
         """Open an existing store; :class:`UserError` if there is none at ``url``."""
-        url = str(url)
+        url = normalize_url(url)
         if _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
             raise UserError(f"no kernel store at {url}; create one with 'nngp-dist kernel'")
         try:
-            group = zarr.open_group(url, mode=mode)
+            group = _open_group(url, mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise UserError(f"no kernel store at {url} ({e})") from None
-        if "nngp_dist" not in group.attrs:
+        meta = group.attrs.get("nngp_dist")
+        if meta is None:
             raise UserError(f"{url} is a Zarr group but not an nngp_dist kernel store")
+        if meta.get("creating"):
+            raise UserError(
+                f"the store at {url} was never completely created (its job was stopped while "
+                "creating it); run the kernel command again to create it anew"
+            )
         return cls(url, group)
 
     @staticmethod
@@ -125,7 +151,7 @@ class KernelStore:
         store). Raises :class:`UserError` for a store of another identity, a path that is not a
         store, or a location that cannot be written.
         """
-        url = str(url)
+        url = normalize_url(url)
         if _is_local(url):
             path = _local_path(url)
             if path.exists() and not path.is_dir():
@@ -133,6 +159,8 @@ class KernelStore:
             probe = path
             while not probe.exists():
                 probe = probe.parent
+            if not probe.is_dir():
+                raise UserError(f"{probe} is a file, so {url} cannot be created under it")
             if not os.access(probe, os.W_OK):
                 raise UserError(f"cannot write to {probe}; choose a writable --store location")
             if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
@@ -143,15 +171,20 @@ class KernelStore:
             exists = (path / "zarr.json").is_file()
         else:
             try:
-                zarr.open_group(url, mode="r")
+                _open_group(url, "r")
                 exists = True
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 exists = False
-        if not exists:
+        if not exists or overwrite:
             return "create"
-        old = cls.open(url).meta
-        if overwrite:
-            return "create"
+        old = _open_group(url, "r").attrs.get("nngp_dist")
+        if old is None:
+            raise UserError(
+                f"{url} is a Zarr group but not an nngp_dist kernel store; refusing to write "
+                "into it (choose another --store, or --overwrite to replace it)"
+            )
+        if old.get("creating"):
+            return "create"  # a creation that was stopped half-way: start it again
         diffs = [k for k in IDENTITY if old.get(k) != meta.get(k)]
         if diffs:
             lines = [
@@ -166,9 +199,14 @@ class KernelStore:
 
     @classmethod
     def create(cls, url: str, meta: dict, data: Dataset, plan: TilePlan) -> KernelStore:
-        """Create (or replace) the store: inputs, empty kernel arrays, completion records."""
-        url = str(url)
+        """Create (or replace) the store: inputs, empty kernel arrays, completion records.
+
+        The identity is written first, marked ``creating``, and the mark removed last: a
+        creation stopped half-way is recognised and redone by the next run.
+        """
+        url = normalize_url(url)
         root = zarr.open_group(url, mode="w", zarr_format=3)
+        root.attrs["nngp_dist"] = {**meta, "creating": True}
         t = plan.tile_size
         for name in ("x_train", "y_train", "x_test", "y_test"):
             a = getattr(data, name)
@@ -372,7 +410,7 @@ def open_store(path: str) -> Any:
     import xarray as xr  # noqa: PLC0415
 
     store = KernelStore.open(path)  # a clear error if this is not a store
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = xr.open_zarr(store.url, consolidated=False)
     k = store.group["k_train_train"]
     t = store.meta["tile_size"]
     chunks = tuple(tuple(min(t, n - s) for s in range(0, n, t)) for n in k.shape)

@@ -44,6 +44,14 @@ def test_kernel_then_status_json(tmp_path):
         (["--workers", "0"], "workers"),
         (["--memory-limit", "lots"], "memory-limit"),
         (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler"),
+        (["--scheduler", "garbage"], "cannot reach the Dask scheduler"),
+        (["--activation", "os:system"], "cannot be evaluated"),
+        (["--activation", "leaky_relu:abc"], "leaky_relu needs a number"),
+        (["--device", "gpu"], "CuPy"),
+        (
+            ["--standardize", "--weight-var", "1e30", "--dtype", "float32", "--depth", "1"],
+            "not finite in float32",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, args, message, monkeypatch):
@@ -126,3 +134,24 @@ def test_real_scheduler_and_worker_processes(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
         time.sleep(0.1)
+
+
+def test_store_paths_that_cannot_be_stores(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(main, ["kernel", "--store", str(tmp_path / "afile" / "k.zarr"), *SMALL])
+    assert r.exit_code == 2 and "is a file" in r.output
+    r = CliRunner().invoke(main, ["status", "--store", "nosuchfs://bucket/k.zarr"])
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_bad_config_value(monkeypatch, tmp_path):
+    import dask.config
+
+    monkeypatch.setenv("DASK_NNGP_DIST__TILE_SIZE", "abc")
+    dask.config.refresh()
+    try:
+        r = CliRunner().invoke(main, ["kernel", "--store", str(tmp_path / "k.zarr"), "--quiet"])
+    finally:
+        monkeypatch.delenv("DASK_NNGP_DIST__TILE_SIZE")
+        dask.config.refresh()
+    assert r.exit_code == 2 and "tile-size must be an integer" in r.output

@@ -98,6 +98,9 @@ def npz(tmp_path, **over):
         ({"x_train": np.zeros((0, 6)), "y_train": np.zeros(0, int)}, "empty"),
         ({"y_test": None}, "lacks arrays"),
         ({"x_train": np.zeros((10, 6), dtype=np.int32)}, "signed integer"),
+        ({"x_train": np.zeros(10)}, "examples axis"),
+        ({"x_test": np.float64(3.0)}, "examples axis"),
+        ({"y_train": np.int64(1)}, "scalar"),
     ],
 )
 def test_bad_npz_is_refused(tmp_path, over, match):

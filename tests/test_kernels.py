@@ -11,7 +11,15 @@ from nngp_dist.kernels import Spec
 
 from . import reference
 
-PAIRS = [(0.3, 1.0, 1.0), (-0.7, 1.2, 0.9), (1.9, 2.0, 2.5), (0.0, 0.5, 3.0), (0.99, 1.0, 1.0)]
+PAIRS = [
+    (0.3, 1.0, 1.0),
+    (-0.7, 1.2, 0.9),
+    (1.9, 2.0, 2.5),
+    (0.0, 0.5, 3.0),
+    (0.99, 1.0, 1.0),
+    (9.5, 10.0, 10.0),  # large variances: quadrature must refine its rule
+    (-3.0, 10.0, 25.0),
+]
 
 PHIS = {
     "relu": (lambda x: np.maximum(x, 0), lambda x: np.where(x > 0, 1.0, 0.0)),
@@ -40,11 +48,19 @@ def test_moments_against_2d_quadrature(name, k12, k11, k22):
 
 
 @pytest.mark.parametrize("name", PHIS)
-def test_variance_is_moment_on_the_diagonal(name):
+def test_variance_against_1d_quadrature(name):
+    from scipy import integrate
+
+    phi = PHIS[name][0]
     nl = kernels.nonlinearities.from_spec(name)
-    k = np.array([0.1, 1.0, 3.7])
-    f, _ = nl.moments(k.copy(), k.copy(), k.copy(), False)
-    np.testing.assert_allclose(nl.variance(k), f, rtol=1e-9)
+    for k in (0.1, 1.0, 3.7, 20.0):
+
+        def integrand(z, k=k):
+            return phi(math.sqrt(k) * z) ** 2 * math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+        want = sum(integrate.quad(integrand, a, b, epsabs=1e-13, epsrel=1e-12)[0]
+                   for a, b in ((-12, 0), (0, 12)))  # fmt: skip
+        assert float(nl.variance(np.array([k]))[0]) == pytest.approx(want, rel=1e-8)
 
 
 def test_relu_diagonal_is_exactly_half():
@@ -175,3 +191,17 @@ def test_backends_agree(xp, activation):
     got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:4])))
     np.testing.assert_allclose(got, spec.cross(x, x[:4]), rtol=1e-10)
     np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
+
+
+def test_module_function_activation_against_closed_form():
+    """'numpy:sin' by quadrature against E[sin u sin v] = exp(-(k11 + k22) / 2) sinh(k12)."""
+    nl = kernels.nonlinearities.from_spec("numpy:sin")
+    assert nl.spec == {"name": "custom", "function": "numpy:sin", "order": 73}
+    k12, k11, k22 = np.array([0.4, -1.1]), np.array([1.0, 2.0]), np.array([0.7, 3.0])
+    f, fdot = nl.moments(k12, k11, k22, True)
+    np.testing.assert_allclose(f, np.exp(-(k11 + k22) / 2) * np.sinh(k12), rtol=1e-9)
+    np.testing.assert_allclose(fdot, np.exp(-(k11 + k22) / 2) * np.cosh(k12), rtol=1e-8)
+    assert (
+        Spec.from_dict(Spec(activation="numpy:sin").to_dict()).hash
+        == Spec(activation="numpy:sin").hash
+    )

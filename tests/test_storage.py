@@ -43,10 +43,8 @@ def test_tiled_equals_untiled(tmp_path, small_npz, tile, kernel):
     np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xt, x), rtol=1e-12)
     np.testing.assert_allclose(ds.k_train_diag.values, spec.diag(x), rtol=1e-12)
     np.testing.assert_allclose(ds.k_test_diag.values, spec.diag(xt), rtol=1e-12)
-    # the mirrored matrix is exactly symmetric, and its diagonal is the diagonal array
-    k = ds.k_train_train.values
-    assert np.array_equal(k, k.T)
-    assert np.array_equal(np.diag(k), ds.k_train_diag.values)
+    # the diagonal tiles' diagonals are the diagonal recursion's values exactly
+    assert np.array_equal(np.diag(ds.k_train_train.values), ds.k_train_diag.values)
 
 
 def test_layout_is_readable_with_plain_zarr(tmp_path, small_npz):
@@ -171,3 +169,40 @@ def test_fsspec_url_store(small_npz):
     spec, x, _ = untiled(small_npz)
     np.testing.assert_allclose(nngp_dist.open_store(url).k_test_train.values[:, :5],
                                spec.cross(untiled(small_npz)[2], x[:5]), rtol=1e-12)  # fmt: skip
+
+
+def test_half_created_store_is_redone_and_foreign_group_refused(tmp_path, small_npz):
+    store = tmp_path / "k.zarr"
+    run(store, small_npz, tile_size=8)
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["nngp_dist"] = {**g.attrs["nngp_dist"], "creating": True}  # as if killed mid-create
+    with pytest.raises(UserError, match="never completely created"):
+        KernelStore.open(str(store))
+    assert run(store, small_npz, tile_size=8)["action"] == "create"
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").create_array("a", shape=(2,), dtype="f8")
+    with pytest.raises(UserError, match="not an nngp_dist kernel store"):
+        run(foreign, small_npz)
+    assert run(foreign, small_npz, overwrite=True)["action"] == "create"
+
+
+def test_home_and_relative_paths_mean_one_store(tmp_path, small_npz, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert run("~/k.zarr", small_npz, tile_size=8)["tiles_computed"] == 32
+    assert run("k.zarr", small_npz, tile_size=8)["tiles_computed"] == 0
+    assert KernelStore.open(str(tmp_path / "k.zarr")).status()["stage"] == "kernel-done"
+
+
+def test_a_python_nonlinearity_object_is_used_and_recorded(tmp_path, small_npz):
+    from nngp_dist.kernels import elementwise
+
+    phi = elementwise(np.sin, lambda x: np.cos(x), name="sin", spec={"name": "custom",
+                      "function": "numpy:sin"})  # fmt: skip
+    run(tmp_path / "k.zarr", small_npz, tile_size=8, activation=phi, kernel="ntk")
+    spec, x, _ = untiled(small_npz, activation="numpy:sin", kernel="ntk")
+    ds = nngp_dist.open_store(str(tmp_path / "k.zarr"))
+    np.testing.assert_allclose(ds.k_train_diag.values, spec.diag(x), rtol=1e-7)
+    with pytest.raises(UserError, match="module:function"):
+        run(tmp_path / "k2.zarr", small_npz, activation=elementwise(lambda v: np.sin(v)))
+    assert not (tmp_path / "k2.zarr").exists()
