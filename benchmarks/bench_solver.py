@@ -135,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[10000, 20000])
     p.add_argument("--test", type=int, default=2000)
-    p.add_argument("--tile", type=int, default=2048)
+    p.add_argument("--tile", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default="4GB")
     p.add_argument("--noise", type=float, default=1e-3)

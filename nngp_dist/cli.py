@@ -97,7 +97,7 @@ kernel_options = _options(
         "--tile-size",
         type=int,
         default=None,
-        help="Tile edge T [default: nngp-dist.tile-size, 2048].",
+        help="Tile edge T [default: nngp-dist.tile-size, 2000].",
     ),
     click.option(
         "--dtype",
