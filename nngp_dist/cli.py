@@ -142,9 +142,9 @@ cluster_options = _options(
 solve_options = _options(
     click.option(
         "--noise",
-        type=float,
         default=None,
-        help="GP noise relative to the mean training diagonal [default: 1e-6].",
+        help="GP noise relative to the mean training diagonal [default: 1e-6]; a comma-"
+        "separated grid (1e-8,1e-6,1e-4) is evaluated and the best chosen (--select-by).",
     ),
     click.option(
         "--max-noise",
@@ -157,9 +157,34 @@ solve_options = _options(
         type=click.Choice(["cholesky", "cg"]),
         default="cholesky",
         show_default=True,
-        help="Solver (cg is not implemented yet).",
+        help="cholesky (exact factor; gives the marginal likelihood) or cg (no factor).",
+    ),
+    click.option(
+        "--tol", type=float, default=1e-8, show_default=True, help="CG: relative residual to reach."
+    ),
+    click.option(
+        "--maxiter",
+        type=int,
+        default=1000,
+        show_default=True,
+        help="CG: iteration cap (a warning says when it stops unconverged).",
+    ),
+    click.option(
+        "--validation-size",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Hold out the last V training examples to choose the noise on.",
+    ),
+    click.option(
+        "--select-by",
+        type=click.Choice(["accuracy", "mse", "lml"]),
+        default=None,
+        help="Noise grid criterion [default: accuracy with a validation split, "
+        "else the log marginal likelihood].",
     ),
 )
+
 
 predict_options = _options(
     click.option(
@@ -211,10 +236,15 @@ def solve(quiet: bool, **options: Any) -> None:
     from . import jobs  # noqa: PLC0415
 
     rec = jobs.solve(progress=not quiet, **options)
+    lml = rec["log_marginal_likelihood"]
+    how = (
+        f"log marginal likelihood {lml:.6g}"
+        if lml is not None
+        else f"CG: {rec['cg']['iterations']} iterations, residual {rec['cg']['true_residual']:.2g}"
+    )
     click.echo(
         f"{options['store']}: solved with noise {rec['noise']:g} (relative; "
-        f"{rec['noise_abs']:.3g} absolute), log marginal likelihood "
-        f"{rec['log_marginal_likelihood']:.6g} ({rec['seconds']:.1f} s)"
+        f"{rec['noise_abs']:.3g} absolute), {how} ({rec['seconds']:.1f} s)"
     )
 
 
@@ -247,7 +277,11 @@ def _report(r: dict) -> None:
     if "accuracy" in r:
         click.echo(f"accuracy:  {r['accuracy']:.4f}")
     click.echo(f"mse:       {r['mse']:.6g}")
-    click.echo(f"log marginal likelihood: {r['log_marginal_likelihood']:.6g}")
+    lml = r["log_marginal_likelihood"]
+    click.echo(
+        "log marginal likelihood: "
+        + (f"{lml:.6g}" if lml is not None else "n/a (CG computes no log-determinant)")
+    )
     click.echo(f"noise:     {r['noise']:g} (relative), {r['n_train']} train, {r['n_test']} test")
     if r["variance_clamped"]:
         click.echo(f"warning: {r['variance_clamped']} negative variances clamped to zero", err=True)
@@ -255,6 +289,22 @@ def _report(r: dict) -> None:
     click.echo("  mean variance    realised mse    count")
     for b in r["calibration"]:
         click.echo(f"  {b['mean_variance']:13.6g}  {b['mse']:14.6g}  {b['count']:7d}")
+    sel = r.get("selection")
+    if sel:
+        click.echo(
+            f"noise grid (chosen by {sel['select_by']}, validation {sel['validation_size']}):"
+        )
+        for row in sel["grid"]:
+            mark = "*" if row["noise"] == sel["chosen"] else " "
+            cells = (
+                [f"lml {row['log_marginal_likelihood']:.6g}"]
+                if row["result"] == "ok"
+                else [row["result"]]
+            )
+            for k in ("validation_accuracy", "validation_mse"):
+                if k in row:
+                    cells.append(f"{k.split('_')[1]} {row[k]:.4g}")
+            click.echo(f" {mark} {row['noise']:<10g} " + ", ".join(cells))
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items() if v is not None)
     click.echo(f"time:      {secs}")
 

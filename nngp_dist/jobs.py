@@ -133,30 +133,40 @@ def solve(
     noise: float | None = None,
     max_noise: float | None = None,
     method: str = "cholesky",
+    tol: float = 1e-8,
+    maxiter: int = 1000,
+    validation_size: int = 0,
+    select_by: str | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     memory_limit: str | None = None,
     progress: bool = True,
     client: Any = None,
 ) -> dict:
-    """Factor the stored kernel plus noise and solve for ``alpha``; return the solve record.
+    """Solve for ``alpha = (K + s I)^-1 T``; return the solve record (also kept in the store).
 
-    ``noise`` is relative to the mean training diagonal (default ``nngp-dist.noise``); on a
-    non-positive pivot the factorisation restarts with 10x the noise, up to ``max_noise``. The
-    noise used, every attempt and the log marginal likelihood are recorded in the store.
+    ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
+    one eigendecomposition (:mod:`nngp_dist.select`), on a validation split of the last
+    ``validation_size`` training examples or by the marginal likelihood, ``select_by``
+    (default: validation accuracy when there is a split and labels, else ``lml``), and the
+    solve uses the chosen one on all the training examples.
+
+    ``noise`` is relative to the mean training diagonal (default ``nngp-dist.noise``).
+    ``method="cholesky"`` factors K + s I into the store (on a non-positive pivot it restarts
+    with 10x the noise, up to ``max_noise``) and gives the log marginal likelihood.
+    ``method="cg"`` runs block-Jacobi preconditioned conjugate gradients to relative residual
+    ``tol`` (at most ``maxiter`` iterations) with no factor; it gives no log-determinant, so no
+    marginal likelihood, and warns if it stops unconverged.
     """
     from .predict import solve_alpha, targets  # noqa: PLC0415
     from .solvers.cholesky import NotPositiveDefinite, factorize  # noqa: PLC0415
 
-    noise = _positive("--noise", config.get("noise", noise))
+    grid = _noise_list(config.get("noise", noise))
+    noise = grid[0]
     max_noise = _positive("--max-noise", config.get("max-noise", max_noise))
-    if max_noise < noise:
-        raise UserError(f"--max-noise {max_noise:g} is below --noise {noise:g}")
-    if method == "cg":
-        raise NotImplementedError(
-            "--method cg (conjugate gradients) is not implemented yet; use --method cholesky"
-        )
-    if method != "cholesky":
+    if max_noise < max(grid):
+        raise UserError(f"--max-noise {max_noise:g} is below --noise {max(grid):g}")
+    if method not in ("cholesky", "cg"):
         raise UserError(f"unknown --method {method!r}; choose cholesky or cg")
     ks = KernelStore.open(store, "r+")
     st = ks.status()
@@ -174,8 +184,18 @@ def solve(
     t_train = targets(y_train, n_classes)
 
     def go(c: Any) -> dict:
+        nonlocal noise
         start = time.perf_counter()
         ks.record_stage("solve", started=_utcnow(), finished=None)
+        selection = None
+        if len(grid) > 1 or validation_size:
+            from .select import noise_grid  # noqa: PLC0415
+
+            by = select_by or ("accuracy" if validation_size and n_classes else "lml")
+            selection = noise_grid(ks, c, grid, validation_size=validation_size, select_by=by)
+            noise = selection["chosen"]
+        if method == "cg":
+            return _solve_cg(ks, c, noise, t_train, tol, maxiter, start, selection)
         try:
             factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
         except NotPositiveDefinite as e:
@@ -189,6 +209,7 @@ def solve(
             "noise_requested": noise,
             "attempts": factor["attempts"],
             "log_marginal_likelihood": lml,
+            "selection": selection,
             "seconds": round(time.perf_counter() - start, 3),
         }
         ks.update_meta(solve=record)
@@ -196,6 +217,40 @@ def solve(
         return record
 
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: float,
+              maxiter: int, start: float, selection: dict | None) -> dict:  # fmt: skip
+    import warnings  # noqa: PLC0415
+
+    from .solvers import cg  # noqa: PLC0415
+
+    mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
+    s = noise * mean_diag
+    ks.prepare_solve(t_train)
+    alpha, log = cg.StoreSystem(ks, c, s).solve(t_train, tol=tol, maxiter=maxiter)
+    ks.group["alpha"][...] = alpha
+    if not log["converged"]:
+        warnings.warn(
+            f"CG stopped unconverged after {log['iterations']} iterations: relative residual "
+            f"{log['true_residual']:.3g} > tol {tol:g}. Raise --maxiter or --noise, or use "
+            "--method cholesky.",
+            UserWarning,
+            stacklevel=2,
+        )
+    record = {
+        "method": "cg",
+        "noise": noise,
+        "noise_abs": s,
+        "noise_requested": noise,
+        "log_marginal_likelihood": None,
+        "cg": {**log, "maxiter": maxiter},
+        "selection": selection,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    ks.update_meta(solve=record, factor=None)
+    ks.record_stage("solve", finished=_utcnow(), seconds=record["seconds"])
+    return record
 
 
 def predict(
@@ -215,18 +270,25 @@ def predict(
     ``calibration`` (test points binned by predicted variance), ``noise``, ``n_train``,
     ``n_test``, ``variance_clamped`` and ``seconds`` per stage.
     """
-    from .predict import metrics, predict_block_size, predict_test  # noqa: PLC0415
+    from .predict import metrics, predict_block_size, predict_test, predict_test_cg  # noqa: PLC0415
 
     ks = KernelStore.open(store, "r+")
     if ks.status()["stage"] not in ("solved", "predict", "done"):
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
-    meta = ks.meta
-    ks.prepare_predict(predict_block_size(meta["n_train"], meta["tile_size"]))
+    solved = ks.meta["solve"]
+    by_cg = solved["method"] == "cg"
+    block = predict_block_size(ks.meta["n_train"], ks.meta["tile_size"])
+    ks.prepare_predict(min(block, 256) if by_cg else block)
 
     def go(c: Any) -> dict:
         start = time.perf_counter()
         ks.record_stage("predict", started=_utcnow(), finished=None)
-        clamped = predict_test(ks, client=c, progress=progress)["variance_clamped"]
+        if by_cg:
+            cg_log = solved["cg"]
+            clamped = predict_test_cg(ks, client=c, tol=cg_log["tol"], maxiter=cg_log["maxiter"],
+                                      progress=progress)["variance_clamped"]  # fmt: skip
+        else:
+            clamped = predict_test(ks, client=c, progress=progress)["variance_clamped"]
         meta = ks.meta
         report = {
             **metrics(ks, bins=bins),
@@ -236,6 +298,7 @@ def predict(
             "n_train": meta["n_train"],
             "n_test": meta["n_test"],
             "variance_clamped": clamped,
+            "selection": meta["solve"].get("selection"),
         }
         seconds = round(time.perf_counter() - start, 3)
         ks.record_stage("predict", finished=_utcnow(), seconds=seconds)
@@ -258,6 +321,10 @@ def run(
     noise: float | None = None,
     max_noise: float | None = None,
     method: str = "cholesky",
+    tol: float = 1e-8,
+    maxiter: int = 1000,
+    validation_size: int = 0,
+    select_by: str | None = None,
     json_path: str | None = None,
     bins: int = 10,
     scheduler: str | None = None,
@@ -271,12 +338,26 @@ def run(
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_options)
-        solve(store, noise=noise, max_noise=max_noise, method=method, client=c, progress=progress)
+        solve(store, noise=noise, max_noise=max_noise, method=method, tol=tol, maxiter=maxiter,
+              validation_size=validation_size, select_by=select_by, client=c,
+              progress=progress)  # fmt: skip
         return predict(store, json_path=json_path, bins=bins, client=c, progress=progress)
 
     if scheduler == "synchronous":
         scheduler = None
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _noise_list(value: Any) -> list[float]:
+    if isinstance(value, str):
+        parts = [p for p in value.split(",") if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    if not parts:
+        raise UserError("--noise needs at least one value")
+    return [_positive("--noise", p) for p in parts]
 
 
 def _probe(spec: Spec, data: Any, dtype: str) -> None:

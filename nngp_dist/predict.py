@@ -26,7 +26,14 @@ import numpy as np
 from . import workers
 from .storage import KernelStore
 
-__all__ = ["calibration", "metrics", "predict_test", "solve_alpha", "targets"]
+__all__ = [
+    "calibration",
+    "metrics",
+    "predict_test",
+    "predict_test_cg",
+    "solve_alpha",
+    "targets",
+]
 
 
 def targets(y: np.ndarray, n_classes: int | None = None) -> np.ndarray:
@@ -159,6 +166,42 @@ def predict_test(store: KernelStore, *, client: Any, progress: bool = True) -> d
     finally:
         bar.close()
     return {"variance_clamped": clamped}
+
+
+def predict_test_cg(store: KernelStore, *, client: Any, tol: float, maxiter: int,
+                    progress: bool = True) -> dict:  # fmt: skip
+    """Means and variances without a factor: per block of test points, PCG solves
+    ``(K + s I) Z = K_D*`` (one matrix pass per iteration per block, so practical for small test
+    sets; the Cholesky path is the one for scale). The block's test rows of the kernel (block x N,
+    a thin slab, not a tile) are read by the client."""
+    from .compute import _progress  # noqa: PLC0415
+    from .solvers.cg import StoreSystem  # noqa: PLC0415
+
+    meta = store.meta
+    g = store.group
+    m, block = meta["n_test"], meta["predict_block"]
+    system = StoreSystem(store, client, meta["solve"]["noise_abs"])
+    alpha = np.asarray(g["alpha"][...])
+    done = ~np.isnan(g["tiles/predict"][...])
+    bar = _progress(len(done), int(done.sum()), progress)
+    bar.set_description("predict (cg)")
+    clamped, unconverged = 0, 0
+    try:
+        for b in np.flatnonzero(~done):
+            start = time.perf_counter()
+            rows = _span(block, m, int(b))
+            slab = np.asarray(g["k_test_train"][rows, :], dtype=np.float64)
+            z, log = system.solve(slab.T, tol=tol, maxiter=maxiter)
+            unconverged += not log["converged"]
+            var = np.asarray(g["k_test_diag"][rows], dtype=np.float64) - (slab.T * z).sum(0)
+            clamped += int((var < 0).sum())
+            g["mean"][rows] = slab @ alpha
+            g["variance"][rows] = np.maximum(var, 0.0)
+            g["tiles/predict"][int(b)] = max(time.perf_counter() - start, 1e-9)
+            bar.update()
+    finally:
+        bar.close()
+    return {"variance_clamped": clamped, "blocks_unconverged": unconverged}
 
 
 def calibration(variance: np.ndarray, sq_error: np.ndarray, bins: int = 10) -> list[dict]:

@@ -309,13 +309,10 @@ class KernelStore:
 
     def _stage(self, kernel_missing: bool) -> str:
         meta = self.meta
-        factor = meta.get("factor") or {}
         if kernel_missing:
             return "kernel"
-        if not factor:
-            return "kernel-done"
-        if not factor.get("complete") or not meta.get("solve"):
-            return "solve"
+        if not meta.get("solve"):
+            return "solve" if meta.get("factor") else "kernel-done"
         if "tiles/predict" not in self.group:
             return "solved"
         if np.isnan(self.group["tiles/predict"][...]).any() or not meta.get("predict"):

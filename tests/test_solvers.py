@@ -154,10 +154,53 @@ def test_bad_solver_options(tmp_path, client, kw, match):
         jobs.solve(str(store), client=client, progress=False, **kw)
 
 
-def test_cg_is_not_faked(tmp_path, client):
-    store = make_kernel(tmp_path, client, n=40, tile=16)
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        jobs.solve(str(store), method="cg", client=client, progress=False)
+@pytest.mark.parametrize("precond", [False, True])
+def test_pcg_against_scipy_on_seeded_spd(precond):
+    from nngp_dist.solvers.cg import pcg
+
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((120, 120))
+    a = a @ a.T / 120 + np.diag(rng.uniform(0.05, 3.0, 120))
+    b = rng.standard_normal((120, 3))
+    m = None
+    if precond:
+        blocks = [sl.cho_factor(a[i : i + 40, i : i + 40]) for i in range(0, 120, 40)]
+
+        def m(r):
+            return np.concatenate(
+                [sl.cho_solve(f, r[i * 40 : (i + 1) * 40]) for i, f in enumerate(blocks)]
+            )
+
+    x, log = pcg(lambda v: a @ v, b, precond=m, tol=1e-10, maxiter=500)
+    want = sl.solve(a, b, assume_a="pos")
+    assert log["converged"] and log["true_residual"] <= 1e-9
+    np.testing.assert_allclose(x, want, rtol=1e-7, atol=1e-8 * np.abs(want).max())
+
+
+def test_pcg_reports_when_it_stops_unconverged():
+    from nngp_dist.solvers.cg import pcg
+
+    a = np.diag(np.logspace(0, 6, 50))
+    _, log = pcg(lambda v: a @ v, np.ones(50), tol=1e-12, maxiter=3)
+    assert not log["converged"] and log["iterations"] == 3 and len(log["residuals"]) == 3
+
+
+def test_cg_on_the_store_against_scipy(tmp_path, client):
+    store = make_kernel(tmp_path, client, n=150, m=40, tile=32)
+    rec = jobs.solve(str(store), method="cg", noise=1e-2, tol=1e-10, client=client, progress=False)
+    assert rec["cg"]["converged"] and rec["log_marginal_likelihood"] is None
+    report = jobs.predict(str(store), client=client, progress=False)
+    alpha, mean, var, _ = scipy_posterior(store, 1e-2)
+    g = zarr.open_group(str(store), mode="r")
+    np.testing.assert_allclose(g["alpha"][...], alpha, rtol=1e-6, atol=1e-7 * np.abs(alpha).max())
+    np.testing.assert_allclose(g["mean"][...], mean, atol=1e-7 * np.abs(mean).max())
+    np.testing.assert_allclose(g["variance"][...], np.maximum(var, 0), atol=1e-7 * var.max())
+    assert report["log_marginal_likelihood"] is None and report["n_test"] == 40
+    assert KernelStore.open(str(store)).status()["stage"] == "done"
+    with pytest.warns(UserWarning, match="unconverged"):
+        rec = jobs.solve(str(store), method="cg", noise=1e-6, tol=1e-14, maxiter=2,
+                         client=client, progress=False)  # fmt: skip
+    assert not rec["cg"]["converged"]
 
 
 def test_incomplete_kernel_and_unsolved_store_are_refused(tmp_path, client):
@@ -231,3 +274,36 @@ def test_kernel_several_times_larger_than_worker_memory(tmp_path):
     alpha = ds["alpha"].values
     t = targets(ds.y_train.values, 10)
     assert np.linalg.norm(k @ alpha - t) / np.linalg.norm(t) < 1e-8
+
+
+def test_noise_grid_against_brute_force(tmp_path, client):
+    """Every grid value's LML and validation accuracy against a separate SciPy solve."""
+    store = make_kernel(tmp_path, client, n=160, m=30, tile=48)
+    grid = [1e-4, 1e-2, 1e-1]
+    rec = jobs.solve(str(store), noise=",".join(map(str, grid)), validation_size=40,
+                     client=client, progress=False)  # fmt: skip
+    sel = rec["selection"]
+    ds = nngp_dist.open_store(str(store))
+    k, y = ds.k_train_train.values, ds.y_train.values
+    t = targets(y, int(max(y.max(), ds.y_test.values.max()) + 1))
+    mean_diag = ds.k_train_diag.values.mean()
+    accs = []
+    for row, rel in zip(sel["grid"], grid):
+        kf = k[:120, :120] + rel * mean_diag * np.eye(120)
+        low = np.linalg.cholesky(kf)
+        alpha = sl.cho_solve((low, True), t[:120])
+        lml = (-0.5 * (t[:120] * alpha).sum() - t.shape[1] * np.log(np.diag(low)).sum()
+               - 0.5 * t.shape[1] * 120 * np.log(2 * np.pi))  # fmt: skip
+        acc = ((k[120:, :120] @ alpha).argmax(1) == y[120:]).mean()
+        accs.append(acc)
+        assert row["log_marginal_likelihood"] == pytest.approx(lml, rel=1e-9)
+        assert row["validation_accuracy"] == pytest.approx(acc)
+    assert sel["select_by"] == "accuracy" and sel["chosen"] == grid[int(np.argmax(accs))]
+    assert rec["noise"] == sel["chosen"]  # the final solve used it, on all 160 points
+    report = jobs.predict(str(store), client=client, progress=False)
+    check_against_scipy(store, sel["chosen"], report)
+    by_lml = jobs.solve(str(store), noise=grid, select_by="lml", client=client, progress=False)
+    best = max(by_lml["selection"]["grid"], key=lambda r: r["log_marginal_likelihood"])
+    assert by_lml["noise"] == best["noise"]
+    with pytest.raises(UserError, match="needs a validation split"):
+        jobs.solve(str(store), noise=grid, select_by="accuracy", client=client, progress=False)
