@@ -25,6 +25,7 @@ import numpy as np
 
 from . import workers
 from .storage import KernelStore
+from .tiling import span
 
 __all__ = [
     "calibration",
@@ -46,10 +47,6 @@ def targets(y: np.ndarray, n_classes: int | None = None) -> np.ndarray:
     return y.reshape(len(y), -1).astype(np.float64)
 
 
-def _span(t: int, n: int, k: int) -> slice:
-    return slice(k * t, min((k + 1) * t, n))
-
-
 def _forward(g: Any, t: int, n: int, rhs: list[np.ndarray]) -> list[np.ndarray]:
     """Solve U^T W = B block row by block row; ``rhs`` holds B's row blocks, replaced by W's."""
     from scipy.linalg import solve_triangular  # noqa: PLC0415
@@ -58,8 +55,8 @@ def _forward(g: Any, t: int, n: int, rhs: list[np.ndarray]) -> list[np.ndarray]:
     for i in range(nt):
         b = rhs[i]
         for m in range(i):
-            b -= np.asarray(g["chol"][_span(t, n, m), _span(t, n, i)]).T @ rhs[m]
-        u_ii = np.asarray(g["chol"][_span(t, n, i), _span(t, n, i)])
+            b -= np.asarray(g["chol"][span(t, n, m), span(t, n, i)]).T @ rhs[m]
+        u_ii = np.asarray(g["chol"][span(t, n, i), span(t, n, i)])
         rhs[i] = solve_triangular(u_ii, b, trans="T", lower=False, check_finite=False)
     return rhs
 
@@ -72,14 +69,14 @@ def _solve_alpha(url: str, token: str, t: int, n: int) -> dict:
     g = workers.open_group(url, token)
     tt = np.asarray(g["t_train"][...], dtype=np.float64)
     nt = math.ceil(n / t)
-    z = _forward(g, t, n, [tt[_span(t, n, i)].copy() for i in range(nt)])
+    z = _forward(g, t, n, [tt[span(t, n, i)].copy() for i in range(nt)])
     alpha: list[np.ndarray] = [np.empty(0)] * nt
     logdet_half = 0.0
     for i in reversed(range(nt)):
         b = z[i].copy()
         for j in range(i + 1, nt):
-            b -= np.asarray(g["chol"][_span(t, n, i), _span(t, n, j)]) @ alpha[j]
-        u_ii = np.asarray(g["chol"][_span(t, n, i), _span(t, n, i)])
+            b -= np.asarray(g["chol"][span(t, n, i), span(t, n, j)]) @ alpha[j]
+        u_ii = np.asarray(g["chol"][span(t, n, i), span(t, n, i)])
         alpha[i] = solve_triangular(u_ii, b, lower=False, check_finite=False)
         logdet_half += float(np.log(np.diag(u_ii)).sum())
     a = np.concatenate(alpha)
@@ -92,13 +89,13 @@ def _predict_block(url: str, token: str, t: int, n: int, m: int, block: int, b: 
     start = time.perf_counter()
     workers.tune_allocator()
     g = workers.open_group(url, token)
-    rows = _span(block, m, b)
+    rows = span(block, m, b)
     nt = math.ceil(n / t)
     k_blocks = [
-        np.asarray(g["k_test_train"][rows, _span(t, n, j)], dtype=np.float64) for j in range(nt)
+        np.asarray(g["k_test_train"][rows, span(t, n, j)], dtype=np.float64) for j in range(nt)
     ]
     alpha = np.asarray(g["alpha"][...])
-    mean = sum(k_blocks[j] @ alpha[_span(t, n, j)] for j in range(nt))
+    mean = sum(k_blocks[j] @ alpha[span(t, n, j)] for j in range(nt))
     w = _forward(g, t, n, [kb.T.copy() for kb in k_blocks])
     var = np.asarray(g["k_test_diag"][rows], dtype=np.float64) - sum((wi * wi).sum(0) for wi in w)
     clamped = int((var < 0).sum())
@@ -189,7 +186,7 @@ def predict_test_cg(store: KernelStore, *, client: Any, tol: float, maxiter: int
     try:
         for b in np.flatnonzero(~done):
             start = time.perf_counter()
-            rows = _span(block, m, int(b))
+            rows = span(block, m, int(b))
             slab = np.asarray(g["k_test_train"][rows, :], dtype=np.float64)
             z, log = system.solve(slab.T, tol=tol, maxiter=maxiter)
             unconverged += not log["converged"]

@@ -22,6 +22,7 @@ from . import workers
 from .errors import UserError
 from .predict import targets
 from .storage import KernelStore
+from .tiling import span
 
 __all__ = ["MAX_EIGH", "noise_grid"]
 
@@ -35,7 +36,7 @@ def _symmetric(g: Any, n: int, t: int) -> np.ndarray:
     nt = math.ceil(n / t)
     for i in range(nt):
         for j in range(i, nt):
-            r, c = slice(i * t, min((i + 1) * t, n)), slice(j * t, min((j + 1) * t, n))
+            r, c = span(t, n, i), span(t, n, j)
             tile = np.asarray(arr[r, c], dtype=np.float64)
             if i == j:
                 tile = np.triu(tile) + np.triu(tile, 1).T

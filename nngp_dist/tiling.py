@@ -13,7 +13,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["Tile", "TilePlan"]
+__all__ = ["Tile", "TilePlan", "span"]
+
+
+def span(t: int, n: int, k: int) -> slice:
+    """Block ``k`` of edge ``t`` of a dimension of length ``n`` (the last one may be ragged)."""
+    return slice(k * t, min((k + 1) * t, n))
+
 
 _ROWS = {
     "k_train_train": "train",
@@ -55,8 +61,7 @@ class TilePlan:
 
     def rows(self, part: str, block: int) -> slice:
         """The examples of ``part`` in row block ``block``."""
-        n = self.n_train if part == "train" else self.n_test
-        return slice(block * self.tile_size, min((block + 1) * self.tile_size, n))
+        return span(self.tile_size, self.n_train if part == "train" else self.n_test, block)
 
     def grid(self, array: str) -> tuple[int, ...]:
         """Shape of the tile grid of ``array``."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import workers
 from ..storage import KernelStore
+from ..tiling import span
 
 __all__ = ["StoreSystem", "block_jacobi", "pcg", "store_operator"]
 
@@ -98,20 +99,16 @@ def pcg(
 # --- the operator and preconditioner on the store (tasks on workers) ---------------------------
 
 
-def _span(t: int, n: int, k: int) -> slice:
-    return slice(k * t, min((k + 1) * t, n))
-
-
 def _row_product(url: str, token: str, t: int, n: int, i: int, v: np.ndarray, noise: float) -> dict:
     """Block row i's share of (K + s I) v: {block j: partial product}."""
     workers.tune_allocator()
     g = workers.open_group(url, token)
     k = g["k_train_train"]
     nt = math.ceil(n / t)
-    rows = _span(t, n, i)
+    rows = span(t, n, i)
     out = {i: noise * v[rows]}
     for j in range(i, nt):
-        cols = _span(t, n, j)
+        cols = span(t, n, j)
         tile = np.asarray(k[rows, cols], dtype=np.float64)
         if i == j:
             tile = np.triu(tile) + np.triu(tile, 1).T
@@ -127,7 +124,7 @@ def _bj_factor(url: str, token: str, t: int, n: int, i: int, noise: float) -> No
 
     workers.tune_allocator()
     g = workers.open_group(url, token)
-    rows = _span(t, n, i)
+    rows = span(t, n, i)
     a = np.asarray(g["k_train_train"][rows, rows], dtype=np.float64)
     a = np.triu(a) + np.triu(a, 1).T
     a[np.diag_indices_from(a)] += noise
@@ -138,7 +135,7 @@ def _bj_apply(url: str, token: str, t: int, n: int, i: int, r: np.ndarray) -> np
     from scipy.linalg import cho_solve  # noqa: PLC0415
 
     g = workers.open_group(url, token)
-    rows = _span(t, n, i)
+    rows = span(t, n, i)
     low = np.asarray(g["cg_blockjacobi"][rows, : rows.stop - rows.start])
     return cho_solve((low, True), r, check_finite=False)
 
@@ -157,7 +154,7 @@ def store_operator(store: KernelStore, client: Any, noise: float) -> Operator:
         out = np.zeros_like(v)
         for fut in futures:
             for j, part in fut.result().items():
-                out[_span(t, n, j)] += part
+                out[span(t, n, j)] += part
         return out
 
     return matvec
@@ -176,7 +173,7 @@ def block_jacobi(store: KernelStore, client: Any, noise: float) -> Operator:
                    for i in range(nt)])  # fmt: skip
 
     def apply(r: np.ndarray) -> np.ndarray:
-        futures = [client.submit(_bj_apply, url, token, t, n, i, r[_span(t, n, i)], pure=False)
+        futures = [client.submit(_bj_apply, url, token, t, n, i, r[span(t, n, i)], pure=False)
                    for i in range(nt)]  # fmt: skip
         return np.concatenate(client.gather(futures))
 

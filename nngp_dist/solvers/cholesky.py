@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import workers
 from ..storage import KernelStore, _utcnow
+from ..tiling import span
 
 __all__ = ["NotPositiveDefinite", "factorize"]
 
@@ -43,13 +44,9 @@ class NotPositiveDefinite(np.linalg.LinAlgError):
 # --- tile operations (worker side) --------------------------------------------------------------
 
 
-def _span(t: int, n: int, k: int) -> slice:
-    return slice(k * t, min((k + 1) * t, n))
-
-
 def _read_a(g: Any, t: int, n: int, i: int, j: int, step: int, noise: float) -> np.ndarray:
     """The tile (i, j) of A after ``step`` updates, as float64."""
-    rows, cols = _span(t, n, i), _span(t, n, j)
+    rows, cols = span(t, n, i), span(t, n, j)
     if step == 0:
         a = np.asarray(g["k_train_train"][rows, cols], dtype=np.float64)
         if i == j:
@@ -71,8 +68,8 @@ def _potrf(url: str, token: str, t: int, n: int, k: int, noise: float, *deps: An
         u = cholesky(a, lower=False, check_finite=True)
     except np.linalg.LinAlgError as e:
         raise NotPositiveDefinite(f"diagonal tile {k}: {e}") from None
-    span = _span(t, n, k)
-    g["chol"][span, span] = u
+    block = span(t, n, k)
+    g["chol"][block, block] = u
     seconds = time.perf_counter() - start
     g["tiles/chol"][k, k] = max(seconds, 1e-9)
     return seconds
@@ -85,9 +82,9 @@ def _trsm(url: str, token: str, t: int, n: int, k: int, j: int, noise: float, *d
     workers.tune_allocator()
     g = workers.open_group(url, token)
     a = _read_a(g, t, n, k, j, k, noise)
-    u_kk = np.asarray(g["chol"][_span(t, n, k), _span(t, n, k)])
+    u_kk = np.asarray(g["chol"][span(t, n, k), span(t, n, k)])
     u = solve_triangular(u_kk, a, trans="T", lower=False, check_finite=False)
-    g["chol"][_span(t, n, k), _span(t, n, j)] = u
+    g["chol"][span(t, n, k), span(t, n, j)] = u
     seconds = time.perf_counter() - start
     g["tiles/chol"][k, j] = max(seconds, 1e-9)
     return seconds
@@ -100,12 +97,12 @@ def _update(
     workers.tune_allocator()
     g = workers.open_group(url, token)
     a = _read_a(g, t, n, i, j, k, noise)
-    u_ki = np.asarray(g["chol"][_span(t, n, k), _span(t, n, i)])
+    u_ki = np.asarray(g["chol"][span(t, n, k), span(t, n, i)])
     if i == j:
         a = a - u_ki.T @ u_ki  # SYRK
     else:
-        a = a - u_ki.T @ np.asarray(g["chol"][_span(t, n, k), _span(t, n, j)])
-    g[WORK[(k + 1) % 2]][_span(t, n, i), _span(t, n, j)] = a
+        a = a - u_ki.T @ np.asarray(g["chol"][span(t, n, k), span(t, n, j)])
+    g[WORK[(k + 1) % 2]][span(t, n, i), span(t, n, j)] = a
     g["tiles/chol_step"][i, j] = k + 1
     return time.perf_counter() - start
 
