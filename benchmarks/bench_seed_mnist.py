@@ -3,8 +3,9 @@
 The MNIST training images are not on this machine (no network beyond the package registries);
 the official test set is (../shared/data/mnist-t10k). So this trains on the first 1,000 images
 of the official test set and tests on the other 9,000, and says so. The noise is chosen from a
-grid by the log marginal likelihood of the training set (no test labels are used to choose);
-every grid point's test accuracy is printed too.
+grid by the accuracy on the last 200 of the 1,000 training images held out (Lee et al. chose on
+a validation set), then the GP is fitted on all 1,000 with it; no test label is used to choose.
+Every grid point's test accuracy is printed too, for reference.
 
     python benchmarks/bench_seed_mnist.py [--mnist-dir ../shared/data/mnist-t10k]
 """
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--mnist-dir", default=str(here.parent / "shared" / "data" / "mnist-t10k"))
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--noise", default="1e-10,1e-8,1e-6,1e-4,1e-3,1e-2")
+    p.add_argument("--validation-size", type=int, default=200)
     a = p.parse_args()
     d = Path(a.mnist_dir)
     x = _read_idx(d / "t10k-images-idx3-ubyte.gz")
@@ -51,10 +53,13 @@ def main() -> None:
                          "log_marginal_likelihood": rec["log_marginal_likelihood"],
                          "accuracy": rep["accuracy"], "mse": rep["mse"]})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    best = max(rows, key=lambda r: r["log_marginal_likelihood"])
+        rec = jobs.solve(store, noise=a.noise, validation_size=a.validation_size, client=c,
+                         progress=False)  # fmt: skip
+        rep = jobs.predict(store, client=c, progress=False)
     print(json.dumps({"train": f"official MNIST test images 0..{n - 1}",
                       "test": f"official MNIST test images {n}..9999", "kernel_s": t_kernel,
-                      "chosen_by_lml": best, "published": 0.9279}))  # fmt: skip
+                      "selection": rec["selection"], "chosen_noise": rec["noise"],
+                      "test_accuracy": rep["accuracy"], "published": 0.9279}))  # fmt: skip
 
 
 if __name__ == "__main__":
