@@ -135,6 +135,7 @@ def solve(
     method: str = "cholesky",
     tol: float = 1e-8,
     maxiter: int = 1000,
+    preconditioner: str = "nystrom",
     validation_size: int = 0,
     select_by: str | None = None,
     scheduler: str | None = None,
@@ -154,7 +155,8 @@ def solve(
     ``noise`` is relative to the mean training diagonal (default ``nngp-dist.noise``).
     ``method="cholesky"`` factors K + s I into the store (on a non-positive pivot it restarts
     with 10x the noise, up to ``max_noise``) and gives the log marginal likelihood.
-    ``method="cg"`` runs block-Jacobi preconditioned conjugate gradients to relative residual
+    ``method="cg"`` runs preconditioned conjugate gradients (``preconditioner``: nystrom,
+    block-jacobi or none) to relative residual
     ``tol`` (at most ``maxiter`` iterations) with no factor; it gives no log-determinant, so no
     marginal likelihood, and warns if it stops unconverged.
     """
@@ -195,7 +197,7 @@ def solve(
             selection = noise_grid(ks, c, grid, validation_size=validation_size, select_by=by)
             noise = selection["chosen"]
         if method == "cg":
-            return _solve_cg(ks, c, noise, t_train, tol, maxiter, start, selection)
+            return _solve_cg(ks, c, noise, t_train, tol, maxiter, preconditioner, start, selection)
         try:
             factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
         except NotPositiveDefinite as e:
@@ -220,7 +222,8 @@ def solve(
 
 
 def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: float,
-              maxiter: int, start: float, selection: dict | None) -> dict:  # fmt: skip
+              maxiter: int, preconditioner: str, start: float,
+              selection: dict | None) -> dict:  # fmt: skip
     import warnings  # noqa: PLC0415
 
     from .solvers import cg  # noqa: PLC0415
@@ -228,7 +231,11 @@ def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: f
     mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
     s = noise * mean_diag
     ks.prepare_solve(t_train)
-    alpha, log = cg.StoreSystem(ks, c, s).solve(t_train, tol=tol, maxiter=maxiter)
+    try:
+        system = cg.StoreSystem(ks, c, s, precond=preconditioner)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    alpha, log = system.solve(t_train, tol=tol, maxiter=maxiter)
     ks.group["alpha"][...] = alpha
     if not log["converged"]:
         warnings.warn(
@@ -323,6 +330,7 @@ def run(
     method: str = "cholesky",
     tol: float = 1e-8,
     maxiter: int = 1000,
+    preconditioner: str = "nystrom",
     validation_size: int = 0,
     select_by: str | None = None,
     json_path: str | None = None,
@@ -339,8 +347,8 @@ def run(
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_options)
         solve(store, noise=noise, max_noise=max_noise, method=method, tol=tol, maxiter=maxiter,
-              validation_size=validation_size, select_by=select_by, client=c,
-              progress=progress)  # fmt: skip
+              preconditioner=preconditioner, validation_size=validation_size,
+              select_by=select_by, client=c, progress=progress)  # fmt: skip
         return predict(store, json_path=json_path, bins=bins, client=c, progress=progress)
 
     if scheduler == "synchronous":

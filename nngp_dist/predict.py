@@ -177,7 +177,8 @@ def predict_test_cg(store: KernelStore, *, client: Any, tol: float, maxiter: int
     meta = store.meta
     g = store.group
     m, block = meta["n_test"], meta["predict_block"]
-    system = StoreSystem(store, client, meta["solve"]["noise_abs"])
+    cg_log = meta["solve"]["cg"]
+    system = StoreSystem(store, client, meta["solve"]["noise_abs"], cg_log["preconditioner"])
     alpha = np.asarray(g["alpha"][...])
     done = ~np.isnan(g["tiles/predict"][...])
     bar = _progress(len(done), int(done.sum()), progress)

@@ -185,9 +185,11 @@ def test_pcg_reports_when_it_stops_unconverged():
     assert not log["converged"] and log["iterations"] == 3 and len(log["residuals"]) == 3
 
 
-def test_cg_on_the_store_against_scipy(tmp_path, client):
+@pytest.mark.parametrize("precond", ["nystrom", "block-jacobi", "none"])
+def test_cg_on_the_store_against_scipy(tmp_path, client, precond):
     store = make_kernel(tmp_path, client, n=150, m=40, tile=32)
-    rec = jobs.solve(str(store), method="cg", noise=1e-2, tol=1e-10, client=client, progress=False)
+    rec = jobs.solve(str(store), method="cg", noise=1e-2, tol=1e-10, preconditioner=precond,
+                     client=client, progress=False)  # fmt: skip
     assert rec["cg"]["converged"] and rec["log_marginal_likelihood"] is None
     report = jobs.predict(str(store), client=client, progress=False)
     alpha, mean, var, _ = scipy_posterior(store, 1e-2)

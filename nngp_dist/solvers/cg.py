@@ -15,8 +15,9 @@ together; each has its own step sizes::
 
 On the store, ``A = K + s I`` is applied by one task per block row of tiles (each reads the row's
 upper tiles once and uses each both ways, K_ij v_j and K_ij^T v_i); the vectors (N x C) travel,
-the tiles do not. The block-Jacobi preconditioner inverts the diagonal tiles ``K_ii + s I`` with
-their Cholesky factors, computed once by tasks that keep them in the store (``cg_blockjacobi``).
+the tiles do not. Preconditioners: Nystrom (the default: landmarks = the first tile's points,
+their columns kept in the store as ``cg_nystrom``, applied by Woodbury's identity), or
+block-Jacobi (the diagonal tiles' Cholesky factors, kept as ``cg_blockjacobi``), or none.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .. import workers
 from ..storage import KernelStore
 from ..tiling import span
 
-__all__ = ["StoreSystem", "block_jacobi", "pcg", "store_operator"]
+__all__ = ["PRECONDITIONERS", "StoreSystem", "block_jacobi", "nystrom", "pcg", "store_operator"]
 
 Operator = Callable[[np.ndarray], np.ndarray]
 
@@ -148,7 +149,7 @@ def store_operator(store: KernelStore, client: Any, noise: float) -> Operator:
     nt = math.ceil(n / t)
 
     def matvec(v: np.ndarray) -> np.ndarray:
-        vf = client.scatter(v, broadcast=True)
+        vf = client.scatter(v, broadcast=True, hash=False)
         futures = [client.submit(_row_product, url, token, t, n, i, vf, noise, pure=False)
                    for i in range(nt)]  # fmt: skip
         out = np.zeros_like(v)
@@ -180,17 +181,78 @@ def block_jacobi(store: KernelStore, client: Any, noise: float) -> Operator:
     return apply
 
 
+def _ny_columns(url: str, token: str, t: int, n: int, i: int) -> np.ndarray:
+    """Worker task: C_i = K[block i, landmarks] (the landmarks are block 0), kept in the store;
+    returns C_i^T C_i."""
+    workers.tune_allocator()
+    g = workers.open_group(url, token)
+    r = span(t, n, 0)
+    tile = np.asarray(g["k_train_train"][r, span(t, n, i)], dtype=np.float64)
+    c_i = (np.triu(tile) + np.triu(tile, 1).T) if i == 0 else tile.T
+    g["cg_nystrom"][span(t, n, i), :] = c_i
+    return c_i.T @ c_i
+
+
+def _ny_project(url: str, token: str, t: int, n: int, i: int, r_i: np.ndarray) -> np.ndarray:
+    g = workers.open_group(url, token)
+    return np.asarray(g["cg_nystrom"][span(t, n, i), :]).T @ r_i
+
+
+def _ny_expand(url: str, token: str, t: int, n: int, i: int, y: np.ndarray) -> np.ndarray:
+    g = workers.open_group(url, token)
+    return np.asarray(g["cg_nystrom"][span(t, n, i), :]) @ y
+
+
+def _sum(*parts: np.ndarray) -> np.ndarray:
+    return np.sum(parts, axis=0)
+
+
+def nystrom(store: KernelStore, client: Any, noise: float) -> Operator:
+    """The Nystrom preconditioner ``(C W^-1 C^T + s I)^-1`` with the first tile's points as
+    landmarks (C = K[:, landmarks], W = K[landmarks, landmarks]), applied by Woodbury's
+    identity: ``(r - C (s W + C^T C)^-1 C^T r) / s``. It captures the kernel's large low-rank
+    part, which block-Jacobi misses (measured on real kernels: benchmarks/RESULTS.md)."""
+    from scipy.linalg import cho_factor, cho_solve  # noqa: PLC0415
+
+    meta = store.meta
+    n, t = meta["n_train"], meta["tile_size"]
+    url, token = store.url, workers.store_token(meta)
+    nt, r = math.ceil(n / t), min(t, n)
+    store.group.create_array("cg_nystrom", shape=(n, r), chunks=(t, r), dtype="float64",
+                             fill_value=np.nan, compressors=None,
+                             dimension_names=("train", "landmark"), overwrite=True)  # fmt: skip
+    grams = [client.submit(_ny_columns, url, token, t, n, i, pure=False) for i in range(nt)]
+    gram = client.submit(_sum, *grams, pure=False).result()
+    w = np.asarray(store.group["cg_nystrom"][0:r, :])
+    inner = cho_factor(noise * w + gram, lower=True, check_finite=False)
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        parts = [client.submit(_ny_project, url, token, t, n, i, v[span(t, n, i)], pure=False)
+                 for i in range(nt)]  # fmt: skip
+        y = cho_solve(inner, np.sum(client.gather(parts), axis=0), check_finite=False)
+        yf = client.scatter(y, broadcast=True, hash=False)
+        back = client.gather([client.submit(_ny_expand, url, token, t, n, i, yf, pure=False)
+                              for i in range(nt)])  # fmt: skip
+        return (v - np.concatenate(back)) / noise
+
+    return apply
+
+
+PRECONDITIONERS = {"none": None, "block-jacobi": block_jacobi, "nystrom": nystrom}
+
+
 class StoreSystem:
     """``K + s I`` on the store with its preconditioner, built once, solved for many b."""
 
-    def __init__(
-        self, store: KernelStore, client: Any, noise: float, precond: str = "block-jacobi"
-    ):
-        if precond not in ("block-jacobi", "none"):
-            raise ValueError(f"unknown preconditioner {precond!r}; block-jacobi or none")
+    def __init__(self, store: KernelStore, client: Any, noise: float, precond: str = "nystrom"):
+        if precond not in PRECONDITIONERS:
+            raise ValueError(
+                f"unknown preconditioner {precond!r}; choose one of {', '.join(PRECONDITIONERS)}"
+            )
         self.precond_name = precond
         self.matvec = store_operator(store, client, noise)
-        self.precond = block_jacobi(store, client, noise) if precond == "block-jacobi" else None
+        make = PRECONDITIONERS[precond]
+        self.precond = make(store, client, noise) if make is not None else None
 
     def solve(self, b: np.ndarray, *, tol: float, maxiter: int) -> tuple[np.ndarray, dict]:
         """``(K + s I)^-1 b`` by PCG; the log records seconds and the preconditioner."""
