@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--tiles", default="1024,2048", help="tile sizes to try, comma-separated")
+    p.add_argument("--tiles", default="1000,2000", help="tile sizes to try, comma-separated")
     p.add_argument("--nt-python", default="/tmp/ntenv/bin/python")
     p.add_argument("--skip-naive", action="store_true")
     a = p.parse_args()
