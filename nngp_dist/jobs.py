@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -163,13 +164,8 @@ def solve(
     from .predict import solve_alpha, targets  # noqa: PLC0415
     from .solvers.cholesky import NotPositiveDefinite, factorize  # noqa: PLC0415
 
-    grid = _noise_list(config.get("noise", noise))
+    grid, max_noise = _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
     noise = grid[0]
-    max_noise = _positive("--max-noise", config.get("max-noise", max_noise))
-    if max_noise < max(grid):
-        raise UserError(f"--max-noise {max_noise:g} is below --noise {max(grid):g}")
-    if method not in ("cholesky", "cg"):
-        raise UserError(f"unknown --method {method!r}; choose cholesky or cg")
     ks = KernelStore.open(store, "r+")
     st = ks.status()
     missing = st["tiles_total"] - st["tiles_done"]
@@ -182,18 +178,27 @@ def solve(
     y_train, y_test = ks.group["y_train"][...], ks.group["y_test"][...]
     if y_train.dtype.kind == "f" and not np.isfinite(y_train).all():
         raise UserError(f"{store}: y_train has NaN or infinite targets")
+    if y_train.dtype.kind == "i" and min(y_train.min(), y_test.min()) < 0:
+        raise UserError(f"{store}: class labels must be 0, 1, 2, ...; found negative labels")
     n_classes = int(max(y_train.max(), y_test.max()) + 1) if y_train.dtype.kind in "iu" else None
     t_train = targets(y_train, n_classes)
+    by = select_by or ("accuracy" if validation_size and n_classes else "lml")
+    if len(grid) > 1 or validation_size:
+        from .select import check_options  # noqa: PLC0415
+
+        check_options(ks.meta["n_train"], validation_size, by, n_classes is not None)
 
     def go(c: Any) -> dict:
         nonlocal noise
         start = time.perf_counter()
         ks.record_stage("solve", started=_utcnow(), finished=None)
+        # Forget the previous solution first: a solve that fails or is killed from here on
+        # leaves a store that says it is unsolved, never one that reports old results.
+        ks.prepare_solve(t_train)
         selection = None
         if len(grid) > 1 or validation_size:
             from .select import noise_grid  # noqa: PLC0415
 
-            by = select_by or ("accuracy" if validation_size and n_classes else "lml")
             selection = noise_grid(ks, c, grid, validation_size=validation_size, select_by=by)
             noise = selection["chosen"]
         if method == "cg":
@@ -202,7 +207,6 @@ def solve(
             factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
         except NotPositiveDefinite as e:
             raise UserError(str(e)) from None
-        ks.prepare_solve(t_train)
         lml = solve_alpha(ks, client=c)["log_marginal_likelihood"]
         record = {
             "method": method,
@@ -230,11 +234,11 @@ def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: f
 
     mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
     s = noise * mean_diag
-    ks.prepare_solve(t_train)
-    try:
-        system = cg.StoreSystem(ks, c, s, precond=preconditioner)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    for name in ("chol", "chol_work0", "chol_work1", "tiles/chol", "tiles/chol_step"):
+        if name in ks.group:  # a factor of an earlier Cholesky solve no longer applies
+            del ks.group[name]
+    ks.update_meta(factor=None)
+    system = cg.StoreSystem(ks, c, s, precond=preconditioner)
     alpha, log = system.solve(t_train, tol=tol, maxiter=maxiter)
     ks.group["alpha"][...] = alpha
     if not log["converged"]:
@@ -279,6 +283,7 @@ def predict(
     """
     from .predict import metrics, predict_block_size, predict_test, predict_test_cg  # noqa: PLC0415
 
+    _check_predict_options(bins, json_path)
     ks = KernelStore.open(store, "r+")
     if ks.status()["stage"] not in ("solved", "predict", "done"):
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
@@ -292,10 +297,21 @@ def predict(
         ks.record_stage("predict", started=_utcnow(), finished=None)
         if by_cg:
             cg_log = solved["cg"]
-            clamped = predict_test_cg(ks, client=c, tol=cg_log["tol"], maxiter=cg_log["maxiter"],
-                                      progress=progress)["variance_clamped"]  # fmt: skip
+            out = predict_test_cg(ks, client=c, tol=cg_log["tol"], maxiter=cg_log["maxiter"],
+                                  progress=progress)  # fmt: skip
+            clamped, unconverged = out["variance_clamped"], out["blocks_unconverged"]
+            if unconverged:
+                import warnings  # noqa: PLC0415
+
+                warnings.warn(
+                    f"CG did not converge for the variances of {unconverged} test block(s); "
+                    "raise --maxiter or --noise, or use --method cholesky",
+                    UserWarning,
+                    stacklevel=2,
+                )
         else:
             clamped = predict_test(ks, client=c, progress=progress)["variance_clamped"]
+            unconverged = 0
         meta = ks.meta
         report = {
             **metrics(ks, bins=bins),
@@ -305,6 +321,7 @@ def predict(
             "n_train": meta["n_train"],
             "n_test": meta["n_test"],
             "variance_clamped": clamped,
+            "variance_blocks_unconverged": unconverged,
             "selection": meta["solve"].get("selection"),
         }
         seconds = round(time.perf_counter() - start, 3)
@@ -343,6 +360,9 @@ def run(
     **kernel_options: Any,
 ) -> dict:
     """Kernel, solve and predict in one go on one cluster; returns the predict report."""
+    # Every option is checked before the kernel is computed, not after.
+    _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
+    _check_predict_options(bins, json_path)
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_options)
@@ -354,6 +374,35 @@ def run(
     if scheduler == "synchronous":
         scheduler = None
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _check_solve_options(noise: Any, max_noise: Any, method: str, tol: float, maxiter: int,
+                         preconditioner: str) -> tuple[list[float], float]:  # fmt: skip
+    from .solvers.cg import PRECONDITIONERS  # noqa: PLC0415
+
+    grid = _noise_list(config.get("noise", noise))
+    max_noise = _positive("--max-noise", config.get("max-noise", max_noise))
+    if max_noise < max(grid):
+        raise UserError(f"--max-noise {max_noise:g} is below --noise {max(grid):g}")
+    if method not in ("cholesky", "cg"):
+        raise UserError(f"unknown --method {method!r}; choose cholesky or cg")
+    _positive("--tol", tol)
+    if int(maxiter) < 1:
+        raise UserError(f"--maxiter must be at least 1, got {maxiter}")
+    if preconditioner not in PRECONDITIONERS:
+        raise UserError(
+            f"unknown --preconditioner {preconditioner!r}; choose {', '.join(PRECONDITIONERS)}"
+        )
+    return grid, max_noise
+
+
+def _check_predict_options(bins: int, json_path: str | None) -> None:
+    if int(bins) < 1:
+        raise UserError(f"--bins must be at least 1, got {bins}")
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"--json {json_path}: {folder} is not a writable directory")
 
 
 def _noise_list(value: Any) -> list[float]:

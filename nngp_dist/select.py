@@ -24,24 +24,31 @@ from .predict import targets
 from .storage import KernelStore
 from .tiling import span
 
-__all__ = ["MAX_EIGH", "noise_grid"]
+__all__ = ["MAX_EIGH", "check_options", "noise_grid"]
 
 MAX_EIGH = 20000
 
 
-def _symmetric(g: Any, n: int, t: int) -> np.ndarray:
-    """The full symmetric train matrix, assembled from the upper tiles (worker side)."""
-    k = np.empty((n, n))
+def _columns(g: Any, n: int, t: int, n_fit: int) -> np.ndarray:
+    """``K[:, :n_fit]`` of the symmetric train matrix, from the upper tiles (worker side);
+    the validation x validation block is never needed, so never read."""
+    k = np.empty((n, n_fit))
     arr = g["k_train_train"]
     nt = math.ceil(n / t)
     for i in range(nt):
         for j in range(i, nt):
             r, c = span(t, n, i), span(t, n, j)
+            if r.start >= n_fit:
+                continue
             tile = np.asarray(arr[r, c], dtype=np.float64)
             if i == j:
                 tile = np.triu(tile) + np.triu(tile, 1).T
-            k[r, c] = tile
-            k[c, r] = tile.T
+            cf = slice(c.start, min(c.stop, n_fit))
+            if cf.start < cf.stop:
+                k[r, cf] = tile[:, : cf.stop - cf.start]
+            rf = slice(r.start, min(r.stop, n_fit))
+            if i != j:
+                k[c, rf] = tile[: rf.stop - rf.start].T
     return k
 
 
@@ -51,13 +58,17 @@ def _grid_task(url: str, token: str, n: int, t: int, n_fit: int, noises: list[fl
 
     workers.tune_allocator()
     g = workers.open_group(url, token)
-    k = _symmetric(g, n, t)
+    k = _columns(g, n, t, n_fit)
     y = np.asarray(g["y_train"][...])
     tt = targets(y, n_classes)
-    lam, q = eigh(k[:n_fit, :n_fit], overwrite_a=False, check_finite=False)
-    qt = q.T @ tt[:n_fit]
-    kvq = k[n_fit:, :n_fit] @ q if n_fit < n else None
+    k_val = k[n_fit:].copy() if n_fit < n else None
+    fit = k[:n_fit]
     del k
+    lam, q = eigh(fit, overwrite_a=True, check_finite=False)
+    del fit
+    qt = q.T @ tt[:n_fit]
+    kvq = k_val @ q if k_val is not None else None
+    del q
     c = tt.shape[1]
     rows = []
     for s in noises:
@@ -78,6 +89,24 @@ def _grid_task(url: str, token: str, n: int, t: int, n_fit: int, noises: list[fl
     return rows
 
 
+def check_options(n: int, validation_size: int, select_by: str, labels: bool) -> None:
+    """:class:`UserError` for a grid that cannot be evaluated, before anything runs."""
+    if not 0 <= validation_size < n - 1:
+        raise UserError(f"--validation-size {validation_size} must be between 0 and {n - 2}")
+    if n > MAX_EIGH:
+        raise UserError(
+            f"a noise grid decomposes the kernel of the {n} training points in memory on one "
+            f"worker, which is for N up to {MAX_EIGH}; give one --noise and no "
+            "--validation-size, or a smaller --train-size"
+        )
+    if select_by not in ("accuracy", "mse", "lml"):
+        raise UserError(f"--select-by must be accuracy, mse or lml, got {select_by!r}")
+    if select_by != "lml" and validation_size == 0:
+        raise UserError(f"--select-by {select_by} needs a validation split (--validation-size V)")
+    if select_by == "accuracy" and not labels:
+        raise UserError("--select-by accuracy needs integer labels; use mse or lml")
+
+
 def noise_grid(store: KernelStore, client: Any, noises: list[float], *, validation_size: int,
                select_by: str) -> dict:  # fmt: skip
     """Evaluate every relative noise in ``noises``; return the table and the chosen noise.
@@ -88,23 +117,11 @@ def noise_grid(store: KernelStore, client: Any, noises: list[float], *, validati
     meta = store.meta
     n, t = meta["n_train"], meta["tile_size"]
     n_fit = n - validation_size
-    if not 0 <= validation_size < n - 1:
-        raise UserError(f"--validation-size {validation_size} must be between 0 and {n - 2}")
-    if n_fit > MAX_EIGH:
-        raise UserError(
-            f"a noise grid decomposes the {n_fit} fitted points' kernel in memory, which is for "
-            f"N up to {MAX_EIGH}; give one --noise, or a smaller --train-size"
-        )
     y = store.group["y_train"][...]
     n_classes = None
     if y.dtype.kind in "iu":
         n_classes = int(max(y.max(), store.group["y_test"][...].max()) + 1)
-    if select_by not in ("accuracy", "mse", "lml"):
-        raise UserError(f"--select-by must be accuracy, mse or lml, got {select_by!r}")
-    if select_by != "lml" and validation_size == 0:
-        raise UserError(f"--select-by {select_by} needs a validation split (--validation-size V)")
-    if select_by == "accuracy" and n_classes is None:
-        raise UserError("--select-by accuracy needs integer labels; use mse or lml")
+    check_options(n, validation_size, select_by, n_classes is not None)
     mean_diag = float(np.mean(store.group["k_train_diag"][...]))
     url, token = store.url, workers.store_token(meta)
     rows = client.submit(_grid_task, url, token, n, t, n_fit, [s * mean_diag for s in noises],

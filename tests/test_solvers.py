@@ -129,10 +129,16 @@ def test_jitter_escalates_on_a_rank_deficient_kernel(tmp_path, client):
     norm = np.linalg.norm
     backward_error = norm(k @ alpha - t) / (norm(k, 2) * norm(alpha) + norm(t))
     assert backward_error < 1e-13
+    # the same request again resumes at the escalated noise instead of climbing anew
+    again = jobs.solve(str(store), noise=1e-18, client=client, progress=False)
+    assert again["noise"] == rec["noise"] and len(again["attempts"]) == len(rec["attempts"]) + 1
+    assert again["attempts"][-1]["tiles_resumed"] == 10  # every factor tile of 4 x 4
 
 
 def test_indefinite_at_the_cap_is_a_clear_error_and_kernel_untouched(tmp_path, client):
     store = make_kernel(tmp_path, client, n=64, tile=16)
+    jobs.solve(str(store), noise=1e-3, client=client, progress=False)
+    jobs.predict(str(store), client=client, progress=False)
     g = zarr.open_group(str(store), mode="r+")
     g["k_train_train"][0:16, 0:16] = -np.eye(16)  # a negative-definite block
     before = g["k_train_train"][...]
@@ -141,12 +147,19 @@ def test_indefinite_at_the_cap_is_a_clear_error_and_kernel_untouched(tmp_path, c
     np.testing.assert_array_equal(g["k_train_train"][...], before)
     meta = zarr.open_group(str(store), mode="r").attrs["nngp_dist"]
     assert len(meta["factor"]["attempts"]) == 3  # 1e-6, 1e-5, 1e-4
+    # the earlier solution is not reported as if it still held
+    assert KernelStore.open(str(store)).status()["stage"] == "solve"
+    with pytest.raises(UserError, match="no solution yet"):
+        jobs.predict(str(store), client=client, progress=False)
 
 
 @pytest.mark.parametrize(
     "kw,match",
     [({"noise": 0.0}, "positive"), ({"noise": float("nan")}, "positive"),
-     ({"noise": 1e-3, "max_noise": 1e-4}, "below"), ({"method": "lu"}, "unknown --method")],
+     ({"noise": "abc"}, "number"), ({"noise": 1e-3, "max_noise": 1e-4}, "below"),
+     ({"method": "lu"}, "unknown --method"), ({"maxiter": 0}, "maxiter"), ({"tol": 0}, "tol"),
+     ({"noise": "1e-3,1e-2", "validation_size": 40}, "validation-size"),
+     ({"preconditioner": "ilu"}, "preconditioner")],
 )  # fmt: skip
 def test_bad_solver_options(tmp_path, client, kw, match):
     store = make_kernel(tmp_path, client, n=40, tile=16)
@@ -309,3 +322,29 @@ def test_noise_grid_against_brute_force(tmp_path, client):
     assert by_lml["noise"] == best["noise"]
     with pytest.raises(UserError, match="needs a validation split"):
         jobs.solve(str(store), noise=grid, select_by="accuracy", client=client, progress=False)
+
+
+def test_switching_between_cg_and_cholesky(tmp_path, client):
+    store = make_kernel(tmp_path, client, n=100, m=20, tile=32)
+    jobs.solve(str(store), noise=1e-2, client=client, progress=False)
+    jobs.solve(str(store), method="cg", noise=1e-2, tol=1e-10, client=client, progress=False)
+    st = KernelStore.open(str(store)).status()
+    assert "factor_tiles" not in st and st["factor"] is None
+    jobs.solve(str(store), noise=1e-2, client=client, progress=False)
+    report = jobs.predict(str(store), client=client, progress=False)
+    check_against_scipy(store, 1e-2, report)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"bins": 0}, "--bins"), ({"json_path": "/nonexistent/dir/r.json"}, "writable directory")],
+)
+def test_bad_predict_options_fail_before_work(tmp_path, client, kw, match):
+    store = make_kernel(tmp_path, client, n=40, tile=16)
+    jobs.solve(str(store), noise=1e-3, client=client, progress=False)
+    with pytest.raises(UserError, match=match):
+        jobs.predict(str(store), client=client, progress=False, **kw)
+    with pytest.raises(UserError, match=match):  # run checks them before the kernel
+        jobs.run(str(tmp_path / "new.zarr"), dataset="demo", train_size=40, test_size=10,
+                 client=client, progress=False, **kw)  # fmt: skip
+    assert not (tmp_path / "new.zarr").exists()

@@ -203,10 +203,6 @@ def _ny_expand(url: str, token: str, t: int, n: int, i: int, y: np.ndarray) -> n
     return np.asarray(g["cg_nystrom"][span(t, n, i), :]) @ y
 
 
-def _sum(*parts: np.ndarray) -> np.ndarray:
-    return np.sum(parts, axis=0)
-
-
 def nystrom(store: KernelStore, client: Any, noise: float) -> Operator:
     """The Nystrom preconditioner ``(C W^-1 C^T + s I)^-1`` with the first tile's points as
     landmarks (C = K[:, landmarks], W = K[landmarks, landmarks]), applied by Woodbury's
@@ -221,8 +217,13 @@ def nystrom(store: KernelStore, client: Any, noise: float) -> Operator:
     store.group.create_array("cg_nystrom", shape=(n, r), chunks=(t, r), dtype="float64",
                              fill_value=np.nan, compressors=None,
                              dimension_names=("train", "landmark"), overwrite=True)  # fmt: skip
-    grams = [client.submit(_ny_columns, url, token, t, n, i, pure=False) for i in range(nt)]
-    gram = client.submit(_sum, *grams, pure=False).result()
+    from distributed import as_completed  # noqa: PLC0415
+
+    gram = np.zeros((r, r))
+    for fut in as_completed(
+        [client.submit(_ny_columns, url, token, t, n, i, pure=False) for i in range(nt)]
+    ):
+        gram += fut.result()  # summed as they come: one r x r matrix at a time in memory
     w = np.asarray(store.group["cg_nystrom"][0:r, :])
     inner = cho_factor(noise * w + gram, lower=True, check_finite=False)
 

@@ -96,6 +96,8 @@ def _update(
     start = time.perf_counter()
     workers.tune_allocator()
     g = workers.open_group(url, token)
+    if int(g["tiles/chol_step"][i, j]) > k:
+        return 0.0  # already applied (a re-run of a task that finished): never move back
     a = _read_a(g, t, n, i, j, k, noise)
     u_ki = np.asarray(g["chol"][span(t, n, k), span(t, n, i)])
     if i == j:
@@ -110,13 +112,17 @@ def _update(
 # --- the graph (client side) ----------------------------------------------------------------------
 
 
-def _prepare(store: KernelStore, noise: float) -> None:
-    """Create the factor's arrays, or reset them when the recorded noise differs."""
+def _prepare(store: KernelStore, noise: float, record: dict) -> None:
+    """Create the factor's arrays, or reset them when the recorded noise differs; ``record``
+    (the attempt in hand) becomes the store's ``factor`` attribute either way."""
     meta = store.meta
     n, t = meta["n_train"], meta["tile_size"]
     nt = math.ceil(n / t)
-    rec = meta.get("factor", {})
+    rec = meta.get("factor") or {}
     fresh = rec.get("noise") != noise or "chol" not in store.group
+    if not fresh:
+        store.update_meta(factor={**rec, **record, "complete": rec.get("complete", False)})
+        return
     if not fresh:
         return
     g = store.group
@@ -128,7 +134,7 @@ def _prepare(store: KernelStore, noise: float) -> None:
                             fill_value=np.nan, compressors=None, overwrite=True)  # fmt: skip
     g["tiles"].create_array("chol_step", shape=(nt, nt), chunks=(1, 1), dtype="int32",
                             fill_value=0, compressors=None, overwrite=True)  # fmt: skip
-    store.update_meta(factor={"noise": noise, "complete": False})
+    store.update_meta(factor={**record, "noise": noise, "complete": False})
 
 
 def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, bar: Any) -> None:
@@ -222,12 +228,16 @@ def factorize(
     meta = store.meta
     mean_diag = float(np.mean(store.group["k_train_diag"][...]))
     nt = math.ceil(meta["n_train"] / meta["tile_size"])
-    attempts = list(meta.get("factor", {}).get("attempts", []))
-    rel = noise
+    rec = meta.get("factor") or {}
+    if rec.get("noise_requested") == noise and rec.get("noise_rel"):
+        # The same request as the recorded factor's: resume at the noise it had escalated to.
+        rel, attempts = rec["noise_rel"], list(rec.get("attempts", []))
+    else:
+        rel, attempts = noise, []
     start = time.perf_counter()
     while True:
         s = rel * mean_diag
-        _prepare(store, s)
+        _prepare(store, s, {"noise_rel": rel, "noise_requested": noise, "attempts": attempts})
         done = int((~np.isnan(store.group["tiles/chol"][...])).sum())
         bar = _progress(count_operations(nt), 0, progress)
         bar.set_description("cholesky")
