@@ -310,6 +310,103 @@ def _report(r: dict) -> None:
 
 
 @main.command()
+@click.option("--out", required=True, help="Folder for sweep.csv, sweep.json and the heat map.")
+@click.option(
+    "--dataset", default="demo", show_default=True, help="demo, fashion-mnist, mnist, ..."
+)
+@click.option("--data-dir", default=None, help="Folder holding the dataset's files.")
+@click.option("--standardize", is_flag=True, help="Centre and scale each image.")
+@click.option(
+    "--train-size",
+    type=int,
+    default=None,
+    help="Fit on the first N training examples [default: all but the validation split].",
+)
+@click.option(
+    "--validation-size",
+    type=int,
+    default=10000,
+    show_default=True,
+    help="Score on the last V training examples.",
+)
+@click.option("--depth", "depths", default="1-5", show_default=True, help="Depths: 1-10 or 1,3,5.")
+@click.option(
+    "--weight-var",
+    "weight_vars",
+    default="0.5:2.5:5",
+    show_default=True,
+    help="w_var values: 1,1.5,2 or START:STOP:NUM.",
+)
+@click.option("--bias-var", "bias_vars", default="0:0.4:5", show_default=True, help="b_var values.")
+@click.option(
+    "--noise",
+    "noises",
+    default="1e-6,1e-4,1e-3,1e-2,1e-1",
+    show_default=True,
+    help="Noise values, relative to the mean diagonal.",
+)
+@click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP)
+@click.option("--kernel", type=click.Choice(["nngp", "ntk"]), default="nngp", show_default=True)
+@click.option(
+    "--select-by",
+    type=click.Choice(["accuracy", "mse"]),
+    default=None,
+    help="Criterion [default: accuracy for labels, else mse].",
+)
+@click.option(
+    "--heatmap-depth", type=int, default=None, help="Depth of the heat map [default: the best]."
+)
+@cluster_options
+@_user_errors
+def sweep(quiet: bool, **options: Any) -> None:
+    """Choose depth, w_var, b_var and noise on a validation split (one Gram matrix for all)."""
+    from .sweep import sweep as run_sweep  # noqa: PLC0415
+
+    r = run_sweep(progress=not quiet, **options)
+    b = r["best"]
+    metric = "validation_accuracy" if r["select_by"] == "accuracy" else "validation_mse"
+    click.echo(
+        f"{r['grid_points']} grid points ({r['grid_points_computed']} computed now) x "
+        f"{len(r['settings']['depths'])} depths x {len(r['settings']['noises'])} noises in "
+        f"{r['seconds']:.1f} s"
+    )
+    click.echo(
+        f"best: depth {b['depth']}, w_var {b['weight_var']:g}, b_var {b['bias_var']:g}, "
+        f"noise {b['noise']:g}: {metric.replace('_', ' ')} {b[metric]:.4f}"
+    )
+    for k, v in r["files"].items():
+        click.echo(f"{k}: {v}")
+
+
+@main.command()
+@store_option
+@click.option("--out", required=True, help="Folder for the PNGs.")
+@click.option("--sweep", default=None, help="A sweep.json from nngp-dist sweep (heat map).")
+@click.option(
+    "--sizes",
+    default=None,
+    help="Training-set sizes of the learning curve [default: 1000,2000,5000,10000,20000,50000].",
+)
+@click.option(
+    "--sample", type=int, default=500, show_default=True, help="Points in the kernel heat map."
+)
+@click.option("--bins", type=int, default=20, show_default=True, help="Calibration bins.")
+@_user_errors
+def figures(sizes: str | None, **options: Any) -> None:
+    """PNGs of a finished store: calibration, kernel by class, learning curve, sweep heat map."""
+    from .figures import figures as make  # noqa: PLC0415
+    from .jobs import _integer  # noqa: PLC0415
+
+    size_list = [_integer("--sizes", s) for s in sizes.split(",")] if sizes else None
+    r = make(sizes=size_list, **options)
+    for row in r["learning_curve"]:
+        acc = f"accuracy {row['accuracy']:.4f}, " if "accuracy" in row else ""
+        click.echo(f"n_train {row['n_train']:>7d}: {acc}mse {row['mse']:.5g}")
+    for k, v in r["files"].items():
+        click.echo(f"{k}: {v}")
+
+
+@main.command()
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @_user_errors

@@ -19,12 +19,13 @@ import tempfile
 import urllib.request
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import UserError
 
-__all__ = ["DATASETS", "Dataset", "load"]
+__all__ = ["DATASETS", "Dataset", "from_arrays", "load"]
 
 # Upstream files and the MD5 sums their publishers list for them (checked after a download).
 _IDX_FILES = {
@@ -66,12 +67,12 @@ class Dataset:
     @property
     def fingerprint(self) -> str:
         """SHA-256 over the shapes, dtypes and bytes of the four arrays: the data's identity."""
-        h = hashlib.sha256()
-        for a in (self.x_train, self.y_train, self.x_test, self.y_test):
-            a = np.ascontiguousarray(a)
-            h.update(f"{a.shape}{a.dtype.str}".encode())
-            h.update(a.data)
-        return h.hexdigest()
+        return _sha256(self.x_train, self.y_train, self.x_test, self.y_test)
+
+    @property
+    def train_fingerprint(self) -> str:
+        """SHA-256 of the training inputs and targets alone (a store's test set may change)."""
+        return _sha256(self.x_train, self.y_train)
 
     def flattened(self) -> Dataset:
         """Inputs reshaped to (n, features), as fully connected networks see them."""
@@ -80,6 +81,25 @@ class Dataset:
             x_train=self.x_train.reshape(len(self.x_train), -1),
             x_test=self.x_test.reshape(len(self.x_test), -1),
         )
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype.str}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def from_arrays(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any) -> Dataset:
+    """A dataset from in-memory arrays, converted and checked exactly as loaded files are."""
+    arrays = [np.asarray(a) for a in (x_train, y_train, x_test, y_test)]
+    ds = Dataset(name, *arrays)
+    _check_dims(ds)
+    ds = _as_float(ds)
+    validate(ds)
+    return ds
 
 
 def load(

@@ -25,7 +25,7 @@ __all__ = ["kernel", "predict", "run", "solve"]
 def kernel(
     store: str,
     *,
-    dataset: str = "demo",
+    dataset: str | datasets.Dataset = "demo",
     arch: str = "fc",
     depth: int = 3,
     activation: Any = "relu",
@@ -43,10 +43,16 @@ def kernel(
     memory_limit: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    replace_test: bool = False,
     progress: bool = True,
     client: Any = None,
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
+
+    ``dataset`` is a name (see :func:`nngp_dist.datasets.load`) or a
+    :class:`~nngp_dist.datasets.Dataset` (:func:`~nngp_dist.datasets.from_arrays`). With
+    ``replace_test``, a store of the same spec and training set but another test set keeps its
+    training kernel (and factor and solution) and gets the new test set's tiles.
 
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
     spec, the store (a store of another spec, dataset or tile size is refused unless
@@ -76,13 +82,16 @@ def kernel(
     dtype = str(config.get("dtype", dtype))
     if dtype not in ("float64", "float32"):
         raise UserError(f"--dtype must be float64 or float32, got {dtype!r}")
-    data = datasets.load(
-        dataset,
-        data_dir=data_dir,
-        train_size=train_size,
-        test_size=test_size,
-        standardize=standardize,
-    ).flattened()
+    if isinstance(dataset, datasets.Dataset):
+        data = dataset.flattened()
+    else:
+        data = datasets.load(
+            dataset,
+            data_dir=data_dir,
+            train_size=train_size,
+            test_size=test_size,
+            standardize=standardize,
+        ).flattened()
     _probe(spec, data, dtype)
     if device == "gpu" and not backend.cupy_available():
         raise UserError(
@@ -90,17 +99,18 @@ def kernel(
         )
     store = normalize_url(store)
     meta = KernelStore.identity(spec, data, tile_size, dtype)
-    action = KernelStore.check(store, meta, overwrite=overwrite)
+    action = KernelStore.check(store, meta, overwrite=overwrite, replace_test=replace_test)
     plan = TilePlan(len(data.x_train), len(data.x_test), tile_size)
 
     def run(c: Any) -> dict:
         if c is not None and progress:
             print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
-        ks = (
-            KernelStore.create(store, meta, data, plan)
-            if action == "create"
-            else KernelStore.open(store, "r+")
-        )
+        if action == "create":
+            ks = KernelStore.create(store, meta, data, plan)
+        else:
+            ks = KernelStore.open(store, "r+")
+            if action == "replace-test":
+                ks.replace_test(data)
         return {
             "store": str(store),
             "action": action,
@@ -269,6 +279,7 @@ def predict(
     *,
     json_path: str | None = None,
     bins: int = 10,
+    score: bool = True,
     scheduler: str | None = None,
     workers: int | None = None,
     memory_limit: str | None = None,
@@ -279,7 +290,8 @@ def predict(
 
     The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
     ``calibration`` (test points binned by predicted variance), ``noise``, ``n_train``,
-    ``n_test``, ``variance_clamped`` and ``seconds`` per stage.
+    ``n_test``, ``variance_clamped`` and ``seconds`` per stage. With ``score=False`` (test
+    points without labels) the three scores against the test labels are left out.
     """
     from .predict import metrics, predict_block_size, predict_test, predict_test_cg  # noqa: PLC0415
 
@@ -289,10 +301,11 @@ def predict(
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
     solved = ks.meta["solve"]
     by_cg = solved["method"] == "cg"
-    block = predict_block_size(ks.meta["n_train"], ks.meta["tile_size"])
-    ks.prepare_predict(min(block, 256) if by_cg else block)
 
     def go(c: Any) -> dict:
+        block = predict_block_size(ks.meta["n_train"], ks.meta["tile_size"], ks.meta["n_test"],
+                                   _worker_memory(c))  # fmt: skip
+        ks.prepare_predict(min(block, 256) if by_cg else block)
         start = time.perf_counter()
         ks.record_stage("predict", started=_utcnow(), finished=None)
         if by_cg:
@@ -314,7 +327,7 @@ def predict(
             unconverged = 0
         meta = ks.meta
         report = {
-            **metrics(ks, bins=bins),
+            **(metrics(ks, bins=bins) if score else {}),
             "log_marginal_likelihood": meta["solve"]["log_marginal_likelihood"],
             "noise": meta["solve"]["noise"],
             "noise_abs": meta["solve"]["noise_abs"],
@@ -394,6 +407,13 @@ def _check_solve_options(noise: Any, max_noise: Any, method: str, tol: float, ma
             f"unknown --preconditioner {preconditioner!r}; choose {', '.join(PRECONDITIONERS)}"
         )
     return grid, max_noise
+
+
+def _worker_memory(c: Any) -> tuple[int, int]:
+    """(number of workers, smallest memory limit in bytes; 0 when unlimited)."""
+    info = c.scheduler_info()["workers"].values()
+    limits = [int(w.get("memory_limit") or 0) for w in info]
+    return len(limits), min(limits, default=0)
 
 
 def _check_predict_options(bins: int, json_path: str | None) -> None:

@@ -29,6 +29,7 @@ from .tiling import span
 
 __all__ = [
     "calibration",
+    "leading_alpha",
     "metrics",
     "predict_test",
     "predict_test_cg",
@@ -63,11 +64,22 @@ def _forward(g: Any, t: int, n: int, rhs: list[np.ndarray]) -> list[np.ndarray]:
 
 def _solve_alpha(url: str, token: str, t: int, n: int) -> dict:
     """Worker task: alpha = (K + s I)^-1 T from the factor; the LML's two data terms."""
-    from scipy.linalg import solve_triangular  # noqa: PLC0415
-
     workers.tune_allocator()
     g = workers.open_group(url, token)
     tt = np.asarray(g["t_train"][...], dtype=np.float64)
+    a, logdet_half = leading_alpha(g, t, n, tt)
+    g["alpha"][...] = a
+    return {"quad": float((tt * a).sum()), "logdet_half": logdet_half}
+
+
+def leading_alpha(g: Any, t: int, n: int, tt: np.ndarray) -> tuple[np.ndarray, float]:
+    """alpha = (K + s I)^-1 T for the first ``n`` training points, and log det(U) for them.
+
+    The factor of a leading block is the leading block of the factor, so any ``n`` up to the
+    store's works: the GP on a training subset costs two triangular solves, no new factor.
+    """
+    from scipy.linalg import solve_triangular  # noqa: PLC0415
+
     nt = math.ceil(n / t)
     z = _forward(g, t, n, [tt[span(t, n, i)].copy() for i in range(nt)])
     alpha: list[np.ndarray] = [np.empty(0)] * nt
@@ -79,9 +91,7 @@ def _solve_alpha(url: str, token: str, t: int, n: int) -> dict:
         u_ii = np.asarray(g["chol"][span(t, n, i), span(t, n, i)])
         alpha[i] = solve_triangular(u_ii, b, lower=False, check_finite=False)
         logdet_half += float(np.log(np.diag(u_ii)).sum())
-    a = np.concatenate(alpha)
-    g["alpha"][...] = a
-    return {"quad": float((tt * a).sum()), "logdet_half": logdet_half}
+    return np.concatenate(alpha), logdet_half
 
 
 def _predict_block(url: str, token: str, t: int, n: int, m: int, block: int, b: int) -> int:
@@ -105,10 +115,18 @@ def _predict_block(url: str, token: str, t: int, n: int, m: int, block: int, b: 
     return clamped
 
 
-def predict_block_size(n: int, tile: int, budget: int = 1 << 28) -> int:
-    """Test points per prediction task: W (n x block) and the test rows (block x n) together
-    within ``budget`` bytes (256 MiB), and at most one tile."""
-    return max(1, min(tile, budget // (16 * max(n, 1))))
+def predict_block_size(n: int, tile: int, m: int, workers: tuple[int, int] = (1, 0)) -> int:
+    """Test points per prediction task.
+
+    Each task streams the whole factor once, so the fewer the blocks the less is read: W
+    (n x block) and the test rows (block x n) may take a quarter of a worker's memory limit, up
+    to 1 GiB (256 MiB when the limit is unknown), but at most one tile and no more than keeps
+    every worker busy. ``workers`` is (how many, smallest memory limit in bytes or 0).
+    """
+    count, limit = workers
+    budget = min(1 << 30, limit // 4) if limit else 1 << 28
+    per_worker = math.ceil(m / max(count, 1))
+    return max(1, min(tile, per_worker, budget // (16 * max(n, 1))))
 
 
 def solve_alpha(store: KernelStore, *, client: Any) -> dict:

@@ -20,7 +20,8 @@ array                     shape               chunks        contents
 
 Root attributes, under ``nngp_dist``: ``layout`` (this layout's version), ``version`` (of the
 package that created the store), ``spec`` and ``spec_hash`` (the canonical architecture),
-``dataset``, ``fingerprint`` (SHA-256 of the inputs), ``n_train``, ``n_test``, ``tile_size``,
+``dataset``, ``fingerprint`` (SHA-256 of the inputs), ``train_fingerprint`` (of the training
+inputs and labels alone), ``n_train``, ``n_test``, ``tile_size``,
 ``dtype``, ``created``, and ``stages`` (per stage: start, end, seconds, tiles computed).
 
 A tile is written first and its completion record second, so a process killed mid-write never
@@ -137,6 +138,7 @@ class KernelStore:
             "spec_hash": spec.hash,
             "dataset": data.name,
             "fingerprint": data.fingerprint,
+            "train_fingerprint": data.train_fingerprint,
             "n_train": int(len(data.x_train)),
             "n_test": int(len(data.x_test)),
             "tile_size": int(tile_size),
@@ -144,12 +146,15 @@ class KernelStore:
         }
 
     @classmethod
-    def check(cls, url: str, meta: dict, *, overwrite: bool = False) -> str:
+    def check(cls, url: str, meta: dict, *, overwrite: bool = False,
+              replace_test: bool = False) -> str:  # fmt: skip
         """Decide, without writing anything, what a run with identity ``meta`` may do at ``url``.
 
-        Returns ``"create"`` (no store there, or ``overwrite``) or ``"resume"`` (a matching
-        store). Raises :class:`UserError` for a store of another identity, a path that is not a
-        store, or a location that cannot be written.
+        Returns ``"create"`` (no store there, or ``overwrite``), ``"resume"`` (a matching
+        store) or, with ``replace_test``, ``"replace-test"`` (a store of the same spec, tiles
+        and training set whose test set differs, or whose test set replacement was stopped
+        half-way: see :meth:`replace_test`). Raises :class:`UserError` for a store of another
+        identity, a path that is not a store, or a location that cannot be written.
         """
         url = normalize_url(url)
         if _is_local(url):
@@ -186,6 +191,12 @@ class KernelStore:
         if old.get("creating"):
             return "create"  # a creation that was stopped half-way: start it again
         diffs = [k for k in IDENTITY if old.get(k) != meta.get(k)]
+        same_train = old.get("train_fingerprint") == meta.get("train_fingerprint")
+        if replace_test and same_train and set(diffs) <= {"fingerprint"}:
+            if diffs or old.get("replacing_test"):
+                return "replace-test"
+        if old.get("replacing_test") and not diffs:
+            diffs = ["fingerprint"]  # its test arrays are half-replaced: never resume them
         if diffs:
             lines = [
                 f"  {k}: store has {_show(old, k)}, this run has {_show(meta, k)}" for k in diffs
@@ -208,47 +219,37 @@ class KernelStore:
         root = zarr.open_group(url, mode="w", zarr_format=3)
         root.attrs["nngp_dist"] = {**meta, "creating": True}
         t = plan.tile_size
-        for name in ("x_train", "y_train", "x_test", "y_test"):
-            a = getattr(data, name)
-            arr = root.create_array(
-                name,
-                shape=a.shape,
-                chunks=(t,) + a.shape[1:],
-                dtype=a.dtype,
-                dimension_names=DIMS[name][: a.ndim] + ("target",) * (a.ndim - len(DIMS[name])),
-                compressors=COMPRESSORS,
-            )
-            arr[...] = a
-        n, m = plan.n_train, plan.n_test
-        shapes = {
-            "k_train_train": (n, n),
-            "k_test_train": (m, n),
-            "k_train_diag": (n,),
-            "k_test_diag": (m,),
-        }
-        tiles = root.create_group("tiles")
-        for name, shape in shapes.items():
-            root.create_array(
-                name,
-                shape=shape,
-                chunks=(t,) * len(shape),
-                dtype=meta["dtype"],
-                fill_value=np.nan,
-                dimension_names=DIMS[name],
-                compressors=COMPRESSORS,
-            )
-            grid = plan.grid(name)
-            tiles.create_array(
-                name,
-                shape=grid,
-                chunks=(1,) * len(grid),
-                dtype="float32",
-                fill_value=np.nan,
-                dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
-                compressors=None,
-            )
+        _create_inputs(root, data, ("x_train", "y_train", "x_test", "y_test"), t)
+        root.create_group("tiles")
+        _create_kernel(root, plan, meta["dtype"], KERNEL_ARRAYS)
         root.attrs["nngp_dist"] = {**meta, "created": _utcnow(), "stages": {}}
         return cls(url, root)
+
+    def replace_test(self, data: Dataset) -> None:
+        """Swap in the test set of ``data`` (same training set), keeping the training kernel,
+        the factor and the solution: only the test tiles and the predictions are then redone.
+
+        Marked ``replacing_test`` until done, so a replacement stopped half-way is never
+        resumed as if complete (:meth:`check` asks for it to be redone).
+        """
+        g, meta = self.group, self.meta
+        if meta.get("train_fingerprint") != data.train_fingerprint:
+            raise UserError(f"{self.url}: a test set replaces one of the same training set only")
+        self.update_meta(replacing_test=True)
+        for name in ("x_test", "y_test", "k_test_train", "k_test_diag", "tiles/k_test_train",
+                     "tiles/k_test_diag", "mean", "variance", "tiles/predict"):  # fmt: skip
+            if name in g:
+                del g[name]
+        t = meta["tile_size"]
+        plan = TilePlan(meta["n_train"], len(data.x_test), t)
+        _create_inputs(g, data, ("x_test", "y_test"), t)
+        _create_kernel(g, plan, meta["dtype"], ("k_test_train", "k_test_diag"))
+        meta = self.meta
+        meta.pop("replacing_test")
+        meta["stages"] = {k: v for k, v in meta.get("stages", {}).items() if k != "predict"}
+        meta.update(dataset=data.name, fingerprint=data.fingerprint, n_test=len(data.x_test),
+                    predict=None)  # fmt: skip
+        g.attrs["nngp_dist"] = meta
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -377,6 +378,37 @@ class KernelStore:
         stages[stage] = {**stages.get(stage, {}), **fields}
         meta["stages"] = stages
         self.group.attrs["nngp_dist"] = meta
+
+
+def _create_inputs(root: zarr.Group, data: Dataset, names: tuple[str, ...], t: int) -> None:
+    for name in names:
+        a = getattr(data, name)
+        arr = root.create_array(
+            name,
+            shape=a.shape,
+            chunks=(t,) + a.shape[1:],
+            dtype=a.dtype,
+            dimension_names=DIMS[name][: a.ndim] + ("target",) * (a.ndim - len(DIMS[name])),
+            compressors=COMPRESSORS,
+        )
+        arr[...] = a
+
+
+def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[str, ...]) -> None:
+    """Empty kernel arrays (fill NaN) and their completion records (NaN: not done)."""
+    n, m, t = plan.n_train, plan.n_test, plan.tile_size
+    shapes = {"k_train_train": (n, n), "k_test_train": (m, n), "k_train_diag": (n,),
+              "k_test_diag": (m,)}  # fmt: skip
+    for name in names:
+        shape = shapes[name]
+        root.create_array(name, shape=shape, chunks=(t,) * len(shape), dtype=dtype,
+                          fill_value=np.nan, dimension_names=DIMS[name],
+                          compressors=COMPRESSORS)  # fmt: skip
+        grid = plan.grid(name)
+        root["tiles"].create_array(name, shape=grid, chunks=(1,) * len(grid), dtype="float32",
+                                   fill_value=np.nan,
+                                   dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
+                                   compressors=None)  # fmt: skip
 
 
 def _show(meta: dict, key: str) -> str:

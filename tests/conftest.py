@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 from nngp_dist import backend
 
@@ -29,3 +30,11 @@ def small_npz(tmp_path):
         y_test=rng.integers(0, 3, 11),
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two in-process single-threaded workers, shared by a module's tests."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+        yield c

@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 import zarr
-from distributed import Client, LocalCluster
 
 import nngp_dist
 from nngp_dist import KernelStore, UserError, jobs
 from nngp_dist.predict import targets
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
-        yield c
 
 
 def scipy_posterior(store, noise_rel):

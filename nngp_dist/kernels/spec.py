@@ -133,8 +133,17 @@ class Spec:
         x1, x2 = _as_2d(xp, x1), _as_2d(xp, x2)
         if x1.shape[1] != x2.shape[1]:
             raise ValueError(f"inputs have {x1.shape[1]} and {x2.shape[1]} features")
+        return self.cross_from(input_state(x1, x2), depths=depths)
+
+    def cross_from(self, inputs: KernelState, *, depths: list[int] | None = None) -> Any:
+        """:meth:`cross` from the inputs' covariance (:func:`~.layers.input_state`).
+
+        The Gram matrix is the only part of the kernel that depends on the raw inputs, so specs
+        that differ only in depth, variances, activation or kernel can share one (a sweep does).
+        """
+        xp = backend.namespace(inputs.nngp)
         at = self._taps(depths)
-        state = input_state(x1, x2, ntk=self.kernel == "ntk")
+        state = inputs.replace(ntk=0.0 if self.kernel == "ntk" else None)
         n1, n2 = state.nngp.shape
         out = xp.empty((len(at), n1, n2), dtype=xp.float64)
         rows = max(1, BLOCK_ENTRIES // max(n2, 1)) if xp.__name__ == "numpy" else max(n1, 1)

@@ -1,0 +1,335 @@
+"""Model selection: depth x w_var x b_var x noise, scored on a held-out validation split.
+
+How a grid costs little more than one kernel:
+
+* The inputs enter the kernel only through their Gram matrix, which every grid point shares: it
+  is computed once on the client and sent to each worker once (``Spec.cross_from``).
+* Every depth 1..L comes from one pass of the recursion (``Spec.cross_from(depths=...)``), so a
+  grid point is one (w_var, b_var) pair, one task, whatever the number of depths.
+* The noise values of a grid share that task's kernel; each is one Cholesky factorisation of
+  the fitted points' matrix (about 12x cheaper than the eigendecomposition that would serve every
+  noise at once, for the 4 or 5 values a grid usually holds).
+
+The split: the first ``train_size`` training examples are fitted and the **last**
+``validation_size`` training examples scored (as Lee et al. and Garriga-Alonso et al. held out
+the last 10,000 of MNIST's training set), so a later ``nngp-dist run --train-size 50000`` on
+Fashion-MNIST never trains on the examples the hyperparameters were chosen on. The test set is
+never read.
+
+Results are written to ``OUT/sweep.csv`` (one row per depth, w_var, b_var and noise) and
+``OUT/sweep.json`` (settings, the table and the best row); each finished grid point is appended
+to ``OUT/sweep-points.jsonl`` as it arrives, so a killed sweep re-run with the same settings
+redoes only the grid points that were in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from . import datasets
+from .errors import UserError
+from .kernels import Spec, input_state
+from .predict import targets
+
+__all__ = ["parse_grid", "parse_depths", "sweep"]
+
+POINTS_FILE = "sweep-points.jsonl"
+# Validation rows evaluated together: keep (depths x rows x n_fit) float64 under this.
+VAL_BLOCK_BYTES = 1 << 27
+
+
+def parse_grid(name: str, value: Any) -> list[float]:
+    """``"0.5,1,2"`` or ``"START:STOP:NUM"`` (NUM evenly spaced values, both ends included)."""
+    if isinstance(value, (list, tuple)):
+        vals = list(value)
+    else:
+        text = str(value).strip()
+        try:
+            if ":" in text:
+                a, b, num = text.split(":")
+                vals = list(np.linspace(float(a), float(b), int(num)))
+            else:
+                vals = [float(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise UserError(
+                f"--{name} {value!r}: give comma-separated numbers or START:STOP:NUM"
+            ) from None
+    if not vals:
+        raise UserError(f"--{name} needs at least one value")
+    out = []
+    for v in vals:
+        v = float(v)
+        if not math.isfinite(v):
+            raise UserError(f"--{name} values must be finite, got {v}")
+        out.append(round(v, 12))
+    if len(set(out)) != len(out):
+        raise UserError(f"--{name} has repeated values: {value!r}")
+    return out
+
+
+def parse_depths(value: Any) -> list[int]:
+    """``"1-10"``, ``"1,2,4,8"`` or a list; distinct non-negative integers."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out: list[int] = []
+    try:
+        for p in parts:
+            p = str(p).strip()
+            if "-" in p[1:]:
+                a, b = p.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif p:
+                out.append(int(p))
+    except ValueError:
+        raise UserError(f"--depth {value!r}: give integers like 3, 1-10 or 1,2,4,8") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise UserError(f"--depth {value!r}: give distinct non-negative integers")
+    return sorted(out)
+
+
+def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarray,
+                labels: bool, spec_kwargs: dict, depths: list[int],
+                noises: list[float]) -> list[dict]:  # fmt: skip
+    """Score one (w_var, b_var) at every depth and noise (worker side)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve  # noqa: PLC0415
+
+    from . import workers  # noqa: PLC0415
+
+    workers.tune_allocator()
+    spec = Spec(depth=max(depths), **spec_kwargs)
+    k_fit = spec.cross_from(state_ff, depths=depths)  # (D, n, n)
+    n = k_fit.shape[1]
+    alphas: dict[tuple[int, int], np.ndarray] = {}
+    rows = []
+    for di, depth in enumerate(depths):
+        scale = float(np.mean(np.diagonal(k_fit[di])))
+        for ni, s in enumerate(noises):
+            a = k_fit[di].copy()
+            a[np.diag_indices(n)] += s * scale
+            row = {"depth": depth, "noise": s}
+            try:
+                alphas[di, ni] = cho_solve(cho_factor(a, overwrite_a=True), t_fit)
+            except LinAlgError:
+                row["result"] = "not positive definite"
+            rows.append(row)
+    del k_fit, a
+    v = len(y_val)
+    means = {key: np.empty((v, t_fit.shape[1])) for key in alphas}
+    step = max(1, VAL_BLOCK_BYTES // (8 * n * len(depths)))
+    for r0 in range(0, v, step):
+        k_val = spec.cross_from(state_vf.rows(r0, r0 + step), depths=depths)
+        for (di, ni), alpha in alphas.items():
+            means[di, ni][r0 : r0 + step] = k_val[di] @ alpha
+    t_val = targets(y_val, t_fit.shape[1]) if labels else y_val.reshape(v, -1)
+    for row, key in zip(rows, [(di, ni) for di in range(len(depths)) for ni in range(len(noises))]):
+        if key not in means:
+            continue
+        m = means[key]
+        row["result"] = "ok"
+        row["validation_mse"] = float(((m - t_val) ** 2).mean())
+        if labels:
+            row["validation_accuracy"] = float((m.argmax(1) == y_val).mean())
+    w, b = spec_kwargs["weight_var"], spec_kwargs["bias_var"]
+    return [{"weight_var": w, "bias_var": b, **r} for r in rows]
+
+
+def sweep(
+    out: str,
+    *,
+    dataset: str = "demo",
+    train_size: int | None = None,
+    validation_size: int = 10000,
+    depths: Any = "1-5",
+    weight_vars: Any = "0.5:2.5:5",
+    bias_vars: Any = "0:0.4:5",
+    noises: Any = "1e-6,1e-4,1e-3,1e-2,1e-1",
+    activation: Any = "relu",
+    kernel: str = "nngp",
+    select_by: str | None = None,
+    heatmap_depth: int | None = None,
+    data_dir: str | None = None,
+    standardize: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+    client: Any = None,
+) -> dict:
+    """Score every (depth, w_var, b_var, noise) on the validation split; write table and heat map.
+
+    Returns ``{"best": row, "rows": [...], "files": {...}, "seconds": s, ...}``. Noise is relative
+    to the mean of the fitted points' kernel diagonal, as in ``solve``.
+    """
+    from .jobs import _probe, _with_client  # noqa: PLC0415
+
+    depths = parse_depths(depths)
+    weight_vars = parse_grid("weight-var", weight_vars)
+    bias_vars = parse_grid("bias-var", bias_vars)
+    noises = parse_grid("noise", noises)
+    if min(noises) <= 0:
+        raise UserError("--noise values must be positive (relative to the mean diagonal)")
+    specs = {}
+    for w in weight_vars:
+        for b in bias_vars:
+            kw = {"weight_var": w, "bias_var": b, "activation": activation, "kernel": kernel}
+            try:
+                specs[w, b] = Spec(depth=max(depths), **kw)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+    if heatmap_depth is not None and heatmap_depth not in depths:
+        raise UserError(f"--heatmap-depth {heatmap_depth} is not one of --depth {depths}")
+    ds = datasets.load(dataset, data_dir=data_dir, standardize=standardize).flattened()
+    n_all = len(ds.x_train)
+    v = int(validation_size)
+    n = n_all - v if train_size is None else int(train_size)
+    if v < 1 or n < 1 or n + v > n_all:
+        raise UserError(
+            f"--train-size {n} and --validation-size {v} must be positive and together at most "
+            f"the {n_all} training examples of {dataset} (validation = the last {v})"
+        )
+    labels = ds.y_train.dtype.kind in "iu"
+    select_by = select_by or ("accuracy" if labels else "mse")
+    if select_by not in ("accuracy", "mse"):
+        raise UserError(f"--select-by must be accuracy or mse, got {select_by!r}")
+    if select_by == "accuracy" and not labels:
+        raise UserError("--select-by accuracy needs integer labels; use mse")
+    for spec in specs.values():
+        _probe(spec, ds, "float64")
+    out = os.path.abspath(os.path.expanduser(out))
+    parent = os.path.dirname(out)
+    if not os.path.isdir(out) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UserError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+    if os.path.isdir(out) and not os.access(out, os.W_OK):
+        raise UserError(f"--out {out} is not writable")
+
+    x_fit, x_val = ds.x_train[:n], ds.x_train[n_all - v :]
+    y_fit, y_val = ds.y_train[:n], ds.y_train[n_all - v :]
+    n_classes = int(ds.y_train.max() + 1) if labels else None
+    t_fit = targets(y_fit, n_classes)
+    settings = {
+        "dataset": ds.name,
+        "fingerprint": hashlib.sha256(x_fit.tobytes() + x_val.tobytes()).hexdigest(),
+        "train_size": n,
+        "validation_size": v,
+        "depths": depths,
+        "activation": specs[weight_vars[0], bias_vars[0]].activation.spec,
+        "kernel": kernel,
+        "noises": noises,
+        "standardize": standardize,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    os.makedirs(out, exist_ok=True)
+    done = _read_points(os.path.join(out, POINTS_FILE), key)
+    todo = [wb for wb in specs if wb not in done]
+    t0 = time.perf_counter()
+
+    def go(c: Any) -> None:
+        if not todo:
+            return
+        if progress:
+            print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
+        from distributed import as_completed  # noqa: PLC0415
+
+        from .compute import _progress  # noqa: PLC0415
+
+        state_ff, state_vf = c.scatter(
+            [input_state(x_fit, x_fit), input_state(x_val, x_fit)], broadcast=True
+        )
+        futures = [
+            c.submit(
+                _point_task,
+                state_ff,
+                state_vf,
+                t_fit,
+                y_val,
+                labels,
+                {"weight_var": w, "bias_var": b, "activation": activation, "kernel": kernel},
+                depths,
+                noises,
+                pure=False,
+            )  # fmt: skip
+            for w, b in todo
+        ]
+        bar = _progress(len(specs), len(specs) - len(todo), progress)
+        bar.set_description("sweep")
+        try:
+            with open(os.path.join(out, POINTS_FILE), "a+") as f:
+                if f.tell():  # a line cut short by a kill must not swallow the next record
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        f.write("\n")
+                for fut in as_completed(futures):
+                    rows = fut.result()
+                    f.write(json.dumps({"key": key, "rows": rows}) + "\n")
+                    f.flush()
+                    done[rows[0]["weight_var"], rows[0]["bias_var"]] = rows
+                    bar.update(1)
+        finally:
+            bar.close()
+
+    _with_client(go, client, None if scheduler == "synchronous" else scheduler, workers,
+                 memory_limit)  # fmt: skip
+    rows = [r for wb in specs for r in done[wb]]
+    ok = [r for r in rows if r["result"] == "ok"]
+    if not ok:
+        raise UserError("every grid point left the kernel indefinite; try larger --noise values")
+    metric = "validation_accuracy" if select_by == "accuracy" else "validation_mse"
+    best = (max if select_by == "accuracy" else min)(ok, key=lambda r: r[metric])
+    hd = best["depth"] if heatmap_depth is None else heatmap_depth
+    files = _write(out, settings, rows, best, select_by, metric, hd, weight_vars, bias_vars)
+    return {
+        "best": best,
+        "rows": rows,
+        "files": files,
+        "select_by": select_by,
+        "settings": settings,
+        "grid_points": len(specs),
+        "grid_points_computed": len(todo),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _read_points(path: str, key: str) -> dict:
+    done: dict = {}
+    if not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if rec.get("key") == key and rec.get("rows"):
+                r0 = rec["rows"][0]
+                done[r0["weight_var"], r0["bias_var"]] = rec["rows"]
+    return done
+
+
+def _write(out: str, settings: dict, rows: list[dict], best: dict, select_by: str, metric: str,
+           depth: int, weight_vars: list[float], bias_vars: list[float]) -> dict:  # fmt: skip
+    from .figures import sweep_heatmap  # noqa: PLC0415
+
+    cols = ["depth", "weight_var", "bias_var", "noise", "result", "validation_accuracy",
+            "validation_mse"]  # fmt: skip
+    csv_path = os.path.join(out, "sweep.csv")
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(csv_path + ".tmp", csv_path)
+    json_path = os.path.join(out, "sweep.json")
+    with open(json_path + ".tmp", "w") as f:
+        json.dump({"settings": settings, "select_by": select_by, "best": best, "rows": rows}, f,
+                  indent=1)  # fmt: skip
+    os.replace(json_path + ".tmp", json_path)
+    png = os.path.join(out, f"sweep-depth{depth}.png")
+    sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png)
+    return {"csv": csv_path, "json": json_path, "heatmap": png}

@@ -1,0 +1,90 @@
+"""NNGPRegressor / NNGPClassifier against the GP posterior computed directly with SciPy."""
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+
+from nngp_dist import UserError, datasets
+from nngp_dist.estimator import NNGPClassifier, NNGPRegressor
+from nngp_dist.kernels import Spec
+from nngp_dist.predict import targets
+from nngp_dist.storage import KernelStore
+
+ARCH = {"depth": 2, "weight_var": 1.6, "bias_var": 0.2}
+
+
+def direct(x, t, xs, noise):
+    spec = Spec(**ARCH)
+    k = spec.cross(x, x)
+    k += noise * np.mean(np.diag(k)) * np.eye(len(x))
+    ks = spec.cross(xs, x)
+    low = sl.cholesky(k, lower=True)
+    mean = ks @ sl.cho_solve((low, True), t)
+    w = sl.solve_triangular(low, ks.T, lower=True)
+    return mean, np.sqrt(np.maximum(spec.diag(xs) - (w * w).sum(0), 0))
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = datasets.load("demo", train_size=150, test_size=60)
+    return ds.x_train.reshape(150, -1), ds.y_train, ds.x_test.reshape(60, -1), ds.y_test
+
+
+def test_regressor_matches_scipy_and_reuses_the_training_kernel(tmp_path, data, client):
+    x, y, xs, _ = data
+    rng = np.random.default_rng(0)
+    t = np.sin(x[:, :5].sum(1)) + 0.1 * rng.standard_normal(len(x))
+    store = str(tmp_path / "est.zarr")
+    est = NNGPRegressor(noise=1e-2, tile_size=64, store=store, client=client, **ARCH)
+    est.fit(x, t)
+    mean, std = est.predict(xs, return_std=True)
+    ref_mean, ref_std = direct(x, t[:, None], xs, 1e-2)
+    np.testing.assert_allclose(mean, ref_mean[:, 0], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-6, atol=1e-8)
+    # A second test set: the training tiles are not recomputed (their records are unchanged).
+    before = KernelStore.open(store).tile_seconds("k_train_train")
+    mean2 = est.predict(x[:20])
+    np.testing.assert_allclose(
+        KernelStore.open(store).tile_seconds("k_train_train"), before, equal_nan=True
+    )
+    np.testing.assert_allclose(mean2, direct(x, t[:, None], x[:20], 1e-2)[0][:, 0], rtol=1e-8)
+    assert est.score(xs, ref_mean[:, 0]) == pytest.approx(1.0)
+    # Refit on the same data resumes the named store; other data there is refused.
+    est.fit(x, t)
+    with pytest.raises(UserError, match="different run"):
+        NNGPRegressor(store=store, client=client, **ARCH).fit(x[:100], t[:100])
+
+
+def test_classifier_labels_scores_and_params(data, client):
+    x, y, xs, ys = data
+    labels = np.array(list("abcdefghij"))[y]  # any label type
+    clf = NNGPClassifier(noise=1e-2, client=client, **ARCH).fit(x, labels)
+    assert list(clf.classes_) == sorted(set(labels))
+    ref, ref_std = direct(x, targets(np.searchsorted(clf.classes_, labels)), xs, 1e-2)
+    np.testing.assert_allclose(clf.decision_function(xs), ref, rtol=1e-8, atol=1e-10)
+    pred, std = clf.predict(xs, return_std=True)
+    assert (pred == clf.classes_[ref.argmax(1)]).all()
+    np.testing.assert_allclose(std, ref_std, rtol=1e-6, atol=1e-8)
+    acc = clf.score(xs, np.array(list("abcdefghij"))[ys])
+    assert acc == pytest.approx(float((ref.argmax(1) == ys).mean()))
+    assert acc > 0.5
+    assert clf.get_params()["depth"] == 2
+    assert clf.set_params(depth=4).depth == 4
+    with pytest.raises(ValueError, match="unknown parameter"):
+        clf.set_params(width=3)
+    assert "depth=4" in repr(clf)
+
+
+def test_bad_input(data, client):
+    x, y, xs, _ = data
+    with pytest.raises(UserError, match="not fitted"):
+        NNGPClassifier(client=client).predict(xs)
+    bad = x.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(UserError, match="NaN"):
+        NNGPClassifier(client=client).fit(bad, y)
+    with pytest.raises(UserError, match="examples"):
+        NNGPClassifier(client=client).fit(x, y[:-1])
+    clf = NNGPClassifier(noise=1e-2, client=client, **ARCH).fit(x, y)
+    with pytest.raises(UserError, match="shape"):
+        clf.predict(xs[:, :-1])
