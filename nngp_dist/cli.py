@@ -27,6 +27,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         from .compute import JobError  # noqa: PLC0415
 
         try:
+            _use_tls({k: kwargs.pop(k) for k in TLS_OPTIONS if k in kwargs})
             return fn(*args, **kwargs)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
@@ -39,6 +40,27 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+TLS_OPTIONS = {
+    "tls_ca_file": "distributed.comm.tls.ca-file",
+    "tls_cert": "distributed.comm.tls.client.cert",
+    "tls_key": "distributed.comm.tls.client.key",
+}
+
+
+def _use_tls(given: dict) -> None:
+    """TLS for every connection this process makes (and a detached job's driver): dask's own
+    configuration, which ``distributed.Client`` reads (it may also come from dask's YAML)."""
+    chosen = {k: v for k, v in given.items() if v}
+    if not chosen:
+        return
+    if len(chosen) != len(TLS_OPTIONS):
+        raise UserError("TLS needs all three of --tls-ca-file, --tls-cert and --tls-key")
+    import dask.config  # noqa: PLC0415
+
+    settings = {TLS_OPTIONS[k]: v for k, v in chosen.items()}
+    dask.config.set({**settings, "distributed.comm.require-encryption": True})
 
 
 def _options(*decorators: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,13 +88,46 @@ kernel_options = _options(
     click.option("--train-size", type=int, default=None, help="Use the first N training examples."),
     click.option("--test-size", type=int, default=None, help="Use the first M test examples."),
     click.option("--standardize", is_flag=True, help="Centre and scale each image."),
-    click.option("--arch", default="fc", show_default=True, help="Architecture (fc)."),
+    click.option(
+        "--arch",
+        type=click.Choice(["fc", "conv", "resnet32"]),
+        default="fc",
+        show_default=True,
+        help="fc (dense layers), conv (conv layers on images) or resnet32 (the ResNet GP of "
+        "Garriga-Alonso et al.).",
+    ),
     click.option(
         "--depth",
         type=int,
         default=3,
         show_default=True,
-        help="Hidden layers, each followed by the activation.",
+        help="Hidden (dense or conv) layers, each followed by the activation.",
+    ),
+    click.option(
+        "--filter-size", type=int, default=3, show_default=True, help="conv: K x K filters."
+    ),
+    click.option("--stride", type=int, default=1, show_default=True, help="conv: stride."),
+    click.option("--dilation", type=int, default=1, show_default=True, help="conv: dilation."),
+    click.option(
+        "--padding",
+        type=click.Choice(["same", "valid"]),
+        default="same",
+        show_default=True,
+        help="conv: zero padding.",
+    ),
+    click.option(
+        "--skip-every",
+        type=int,
+        default=0,
+        show_default=True,
+        help="conv: a residual connection around every S (activation, conv) pairs (0: none).",
+    ),
+    click.option(
+        "--readout",
+        type=click.Choice(["flatten", "gap"]),
+        default="flatten",
+        show_default=True,
+        help="conv: dense layer on the flattened features, or after global average pooling.",
     ),
     click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP),
     click.option(
@@ -97,7 +152,8 @@ kernel_options = _options(
         "--tile-size",
         type=int,
         default=None,
-        help="Tile edge T [default: nngp-dist.tile-size, 2000].",
+        help="Tile edge T [default: nngp-dist.tile-size, 2000; image networks on CPUs: "
+        "about a minute of work per tile].",
     ),
     click.option(
         "--dtype",
@@ -137,6 +193,24 @@ cluster_options = _options(
         help="Memory limit per embedded worker, e.g. 2GB [default: shared evenly].",
     ),
     click.option("--quiet", is_flag=True, help="No progress bar."),
+    click.option(
+        "--tls-ca-file",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: the CA certificate the scheduler's certificate is signed by.",
+    ),
+    click.option(
+        "--tls-cert",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: this client's certificate.",
+    ),
+    click.option(
+        "--tls-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: this client's private key.",
+    ),
 )
 
 solve_options = _options(
@@ -273,6 +347,57 @@ def run(kernel_kind: str, quiet: bool, **options: Any) -> None:
     _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
 
 
+@main.command()
+@kernel_options
+@solve_options
+@predict_options
+@cluster_options
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Return at once with a job id; the job runs on the cluster (--scheduler) on its own.",
+)
+@_user_errors
+def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
+    """run, on a cluster; with --detach the job outlives this command (see cancel, status)."""
+    from . import jobs  # noqa: PLC0415
+
+    if not detach:
+        _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
+        return
+    from .detached import submit as submit_job  # noqa: PLC0415
+
+    for key in ("workers", "memory_limit"):
+        if options.pop(key) is not None:
+            raise UserError(f"--{key.replace('_', '-')} configures an embedded cluster; "
+                            "a detached job runs on the --scheduler's workers")  # fmt: skip
+    rec = submit_job(scheduler=options.pop("scheduler"), kernel=kernel_kind, **options)
+    click.echo(f"job {rec['job']} running on {rec['worker']} (driver pid {rec['pid']}); log: "
+               f"{rec['log']}")  # fmt: skip
+    click.echo(f"follow it: nngp-dist status --store {rec['store']}")
+    click.echo(f"stop it:   nngp-dist cancel --store {rec['store']} --scheduler {rec['scheduler']}")
+
+
+@main.command()
+@store_option
+@click.option(
+    "--scheduler",
+    default=None,
+    envvar="DASK_SCHEDULER_ADDRESS",
+    help="The scheduler the job was submitted to [env: DASK_SCHEDULER_ADDRESS].",
+)
+@click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@_user_errors
+def cancel(store: str, scheduler: str | None) -> None:
+    """Stop a detached job; its finished tiles stay, and submitting it again resumes it."""
+    from .detached import cancel as cancel_job  # noqa: PLC0415
+
+    rec = cancel_job(store, scheduler=scheduler)
+    click.echo(f"job {rec['job']} on {rec['store']}: cancelled ({rec['outcome']})")
+
+
 def _report(r: dict) -> None:
     if "accuracy" in r:
         click.echo(f"accuracy:  {r['accuracy']:.4f}")
@@ -374,6 +499,8 @@ def sweep(quiet: bool, **options: Any) -> None:
         f"best: depth {b['depth']}, w_var {b['weight_var']:g}, b_var {b['bias_var']:g}, "
         f"noise {b['noise']:g}: {metric.replace('_', ' ')} {b[metric]:.4f}"
     )
+    ts = r["task_seconds"]
+    click.echo(f"worker time: kernel recursions {ts['kernel']:.1f} s, solves {ts['solve']:.1f} s")
     for k, v in r["files"].items():
         click.echo(f"{k}: {v}")
 

@@ -47,9 +47,14 @@ def connect(
                 "--workers and --memory-limit configure the embedded cluster; with --scheduler "
                 "the cluster's own workers are used (drop one or the other)"
             )
+        if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file"):
+            raise UserError(
+                f"the scheduler at {address} speaks TLS: give --tls-ca-file, --tls-cert and "
+                "--tls-key (or dask's distributed.comm.tls configuration)"
+            )
         try:
             client = Client(address, timeout=wait)
-        except (OSError, TimeoutError, ValueError) as e:
+        except (OSError, TimeoutError, ValueError, TypeError) as e:
             raise UserError(
                 f"cannot reach the Dask scheduler at {address} within {wait:g} s ({e}). Check "
                 "the address and that the scheduler runs, or leave out --scheduler (and unset "
@@ -58,6 +63,11 @@ def connect(
         with client:
             yield client
         return
+    if dask.config.get("distributed.comm.require-encryption", False):
+        raise UserError(
+            "TLS (--tls-ca-file, --tls-cert, --tls-key or dask's require-encryption) is for a "
+            "cluster given by --scheduler; the embedded cluster runs on 127.0.0.1 without it"
+        )
     n = workers if workers is not None else (os.cpu_count() or 1)
     if n < 1:
         raise UserError(f"--workers must be at least 1, got {n}")

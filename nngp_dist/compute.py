@@ -85,7 +85,12 @@ def run_tile(
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    # tqdm.auto picks a notebook widget in Jupyter (and warns there when ipywidgets is
+    # missing, even for a disabled bar): only import it when a bar is wanted.
+    if enabled:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    else:
+        from tqdm import tqdm  # noqa: PLC0415
 
     return tqdm(
         total=total,

@@ -43,16 +43,21 @@ class NNGPRegressor:
     """Exact Gaussian-process regression with an infinitely wide network's kernel.
 
     Parameters: the architecture (``arch``, ``depth``, ``weight_var``, ``bias_var``,
-    ``activation``, ``kernel`` = ``"nngp"`` or ``"ntk"``), the solve (``noise`` relative to the
-    mean training diagonal, ``max_noise``, ``method`` = ``"cholesky"`` or ``"cg"``), the tiles
-    (``tile_size``, ``dtype``) and where to compute (``store``; ``client``, or ``scheduler``, or
-    an embedded cluster of ``workers`` with ``memory_limit`` each). Targets are modelled as
-    noisy observations of the GP; ``predict(X, return_std=True)`` returns the standard deviation
-    of the noise-free latent function at ``X``.
+    ``activation``, ``kernel`` = ``"nngp"`` or ``"ntk"``; for ``arch="conv"`` also
+    ``filter_size``, ``stride``, ``dilation``, ``padding``, ``skip_every``, ``readout``: see
+    :class:`~nngp_dist.kernels.Spec`; image networks take ``X`` as (n, H, W[, C])); the solve
+    (``noise`` relative to the mean training diagonal, ``max_noise``, ``method`` =
+    ``"cholesky"`` or ``"cg"``); the tiles (``tile_size``, ``dtype``); and where to compute
+    (``store``; ``client``, or ``scheduler``, or an embedded cluster of ``workers`` with
+    ``memory_limit`` each). Targets are modelled as noisy observations of the GP;
+    ``predict(X, return_std=True)`` returns the standard deviation of the noise-free latent
+    function at ``X``.
     """
 
     def __init__(self, *, arch: str = "fc", depth: int = 3, weight_var: float = 1.0,
                  bias_var: float = 0.0, activation: Any = "relu", kernel: str = "nngp",
+                 filter_size: int = 3, stride: int = 1, dilation: int = 1,
+                 padding: str = "same", skip_every: int = 0, readout: str = "flatten",
                  noise: float = 1e-6, max_noise: float | None = None, method: str = "cholesky",
                  tile_size: int | None = None, dtype: str | None = None,
                  store: str | None = None, client: Any = None, scheduler: str | None = None,
@@ -108,10 +113,8 @@ class NNGPRegressor:
         else:
             url = self.store
         run = self._cluster()
-        jobs.kernel(url, dataset=data, arch=self.arch, depth=self.depth,
-                    activation=self.activation, weight_var=self.weight_var,
-                    bias_var=self.bias_var, kernel=self.kernel, tile_size=self.tile_size,
-                    dtype=self.dtype, replace_test=True, progress=self.progress,
+        jobs.kernel(url, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
+                    replace_test=True, progress=self.progress, **self._arch(),
                     **run)  # fmt: skip
         self.solve_ = jobs.solve(url, noise=self.noise, max_noise=self.max_noise,
                                  method=self.method, progress=self.progress,
@@ -119,8 +122,14 @@ class NNGPRegressor:
         self.store_ = url
         self.X_train_, self.y_train_ = data.x_train, data.y_train
         self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self.image_shape_ = X.shape[1:]
         self.noise_ = self.solve_["noise"]
         return self
+
+    def _arch(self) -> dict:
+        names = ("arch", "depth", "weight_var", "bias_var", "activation", "kernel", "filter_size",
+                 "stride", "dilation", "padding", "skip_every", "readout")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
 
     def _cluster(self) -> dict:
         if self.client is not None:
@@ -132,18 +141,16 @@ class NNGPRegressor:
         if not hasattr(self, "store_"):
             raise UserError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
         X = np.asarray(X)
-        if X.ndim < 2 or X.shape[1:] != self.X_train_.shape[1:]:
+        if X.ndim < 2 or X.shape[1:] != self.image_shape_:
             raise UserError(
                 f"X has examples of shape {X.shape[1:]}; this model was fitted on "
-                f"{self.X_train_.shape[1:]}"
+                f"{self.image_shape_}"
             )
         placeholder = np.zeros((len(X),) + self.y_train_.shape[1:], dtype=self.y_train_.dtype)
         data = datasets.from_arrays(_DATASET, self.X_train_, self.y_train_, X, placeholder)
         run = self._cluster()
-        jobs.kernel(self.store_, dataset=data, arch=self.arch, depth=self.depth,
-                    activation=self.activation, weight_var=self.weight_var,
-                    bias_var=self.bias_var, kernel=self.kernel, tile_size=self.tile_size,
-                    dtype=self.dtype, replace_test=True, progress=self.progress,
+        jobs.kernel(self.store_, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
+                    replace_test=True, progress=self.progress, **self._arch(),
                     **run)  # fmt: skip
         jobs.predict(self.store_, score=False, progress=self.progress, **run)
         g = KernelStore.open(self.store_).group

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 
 from . import backend, config, datasets
-from .cluster import connect
+from .cluster import connect, scheduler_address
 from .compute import compute_kernel
 from .errors import UserError
 from .kernels import Spec
 from .storage import KernelStore, _utcnow, normalize_url
 from .tiling import TilePlan
 
-__all__ = ["kernel", "predict", "run", "solve"]
+__all__ = ["check_run", "kernel", "predict", "run", "solve"]
 
 
 def kernel(
@@ -32,6 +32,12 @@ def kernel(
     weight_var: float = 1.0,
     bias_var: float = 0.0,
     kernel: str = "nngp",
+    filter_size: int = 3,
+    stride: int = 1,
+    dilation: int = 1,
+    padding: str = "same",
+    skip_every: int = 0,
+    readout: str = "flatten",
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -46,6 +52,7 @@ def kernel(
     replace_test: bool = False,
     progress: bool = True,
     client: Any = None,
+    dry_run: bool = False,
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
 
@@ -54,10 +61,16 @@ def kernel(
     ``replace_test``, a store of the same spec and training set but another test set keeps its
     training kernel (and factor and solution) and gets the new test set's tiles.
 
+    Image networks (``arch`` conv or resnet32; ``filter_size``, ``stride``, ``dilation``,
+    ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`) take
+    the images' shape from the dataset, and without ``tile_size`` get one chosen by
+    :func:`~nngp_dist.tiling.image_tile_size`.
+
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
     spec, the store (a store of another spec, dataset or tile size is refused unless
     ``overwrite``), and the scheduler. Returns a summary (tiles computed and skipped, seconds).
-    Pass ``client`` (a ``distributed.Client``) to use it instead of connecting.
+    Pass ``client`` (a ``distributed.Client``) to use it instead of connecting. ``dry_run``
+    stops after the checks (nothing is written, no cluster is contacted).
 
     Examples
     --------
@@ -73,27 +86,43 @@ def kernel(
             weight_var=weight_var,
             bias_var=bias_var,
             kernel=kernel,
+            filter_size=filter_size,
+            stride=stride,
+            dilation=dilation,
+            padding=padding,
+            skip_every=skip_every,
+            readout=readout,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    tile_size = _integer("tile-size", config.get("tile-size", tile_size))
-    if tile_size < 1:
-        raise UserError(f"--tile-size must be positive, got {tile_size}")
+    if tile_size is not None or not spec.is_image:
+        tile_size = _integer("tile-size", config.get("tile-size", tile_size))
+        if tile_size < 1:
+            raise UserError(f"--tile-size must be positive, got {tile_size}")
     dtype = str(config.get("dtype", dtype))
     if dtype not in ("float64", "float32"):
         raise UserError(f"--dtype must be float64 or float32, got {dtype!r}")
-    if isinstance(dataset, datasets.Dataset):
-        data = dataset.flattened()
-    else:
-        data = datasets.load(
+    if not isinstance(dataset, datasets.Dataset):
+        dataset = datasets.load(
             dataset,
             data_dir=data_dir,
             train_size=train_size,
             test_size=test_size,
             standardize=standardize,
-        ).flattened()
-    _probe(spec, data, dtype)
-    if device == "gpu" and not backend.cupy_available():
+        )
+    data = dataset.flattened()
+    try:
+        spec = spec.with_image_shape(dataset.x_train.shape[1:])
+    except ValueError as e:
+        raise UserError(f"{dataset.name}: {e}") from None
+    _probe(spec, data, dtype)  # before the tile size: it reports a bad geometry clearly
+    if tile_size is None:
+        from .tiling import image_tile_size  # noqa: PLC0415
+
+        gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
+        tile_size = image_tile_size(spec, gpu=gpu)
+    local = client is None and scheduler_address(scheduler) is None  # the workers are ours
+    if device == "gpu" and local and not dry_run and not backend.cupy_available():
         raise UserError(
             "--device gpu: CuPy with a GPU is not available here (pip install '.[gpu]')"
         )
@@ -101,6 +130,8 @@ def kernel(
     meta = KernelStore.identity(spec, data, tile_size, dtype)
     action = KernelStore.check(store, meta, overwrite=overwrite, replace_test=replace_test)
     plan = TilePlan(len(data.x_train), len(data.x_test), tile_size)
+    if dry_run:
+        return {"store": str(store), "action": action, "tiles_total": plan.total()}
 
     def run(c: Any) -> dict:
         if c is not None and progress:
@@ -387,6 +418,17 @@ def run(
     if scheduler == "synchronous":
         scheduler = None
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def check_run(store: str, *, noise: float | None = None, max_noise: float | None = None,
+              method: str = "cholesky", tol: float = 1e-8, maxiter: int = 1000,
+              preconditioner: str = "nystrom", validation_size: int = 0,
+              select_by: str | None = None, json_path: str | None = None, bins: int = 10,
+              **kernel_options: Any) -> dict:  # fmt: skip
+    """Every check ``run`` makes before it computes anything, and nothing else."""
+    _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
+    _check_predict_options(bins, json_path)
+    return kernel(store, dry_run=True, **kernel_options)
 
 
 def _check_solve_options(noise: Any, max_noise: Any, method: str, tol: float, maxiter: int,

@@ -104,8 +104,12 @@ def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarr
     from . import workers  # noqa: PLC0415
 
     workers.tune_allocator()
+    clock = {"kernel": 0.0, "solve": 0.0}
+    t0 = time.perf_counter()
     spec = Spec(depth=max(depths), **spec_kwargs)
     k_fit = spec.cross_from(state_ff, depths=depths)  # (D, n, n)
+    clock["kernel"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
     n = k_fit.shape[1]
     alphas: dict[tuple[int, int], np.ndarray] = {}
     rows = []
@@ -121,13 +125,18 @@ def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarr
                 row["result"] = "not positive definite"
             rows.append(row)
     del k_fit, a
+    clock["solve"] += time.perf_counter() - t0
     v = len(y_val)
     means = {key: np.empty((v, t_fit.shape[1])) for key in alphas}
     step = max(1, VAL_BLOCK_BYTES // (8 * n * len(depths)))
     for r0 in range(0, v, step):
+        t0 = time.perf_counter()
         k_val = spec.cross_from(state_vf.rows(r0, r0 + step), depths=depths)
+        clock["kernel"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         for (di, ni), alpha in alphas.items():
             means[di, ni][r0 : r0 + step] = k_val[di] @ alpha
+        clock["solve"] += time.perf_counter() - t0
     t_val = targets(y_val, t_fit.shape[1]) if labels else y_val.reshape(v, -1)
     for row, key in zip(rows, [(di, ni) for di in range(len(depths)) for ni in range(len(noises))]):
         if key not in means:
@@ -138,7 +147,8 @@ def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarr
         if labels:
             row["validation_accuracy"] = float((m.argmax(1) == y_val).mean())
     w, b = spec_kwargs["weight_var"], spec_kwargs["bias_var"]
-    return [{"weight_var": w, "bias_var": b, **r} for r in rows]
+    clock = {k: round(v, 3) for k, v in clock.items()}
+    return [{"weight_var": w, "bias_var": b, **r, "point_seconds": clock} for r in rows]
 
 
 def sweep(
@@ -293,6 +303,12 @@ def sweep(
         "settings": settings,
         "grid_points": len(specs),
         "grid_points_computed": len(todo),
+        # worker seconds summed over grid points: the kernel recursions (fitted and validation
+        # points, every depth) and the factorisations and predictions
+        "task_seconds": {
+            k: round(sum(done[wb][0].get("point_seconds", {}).get(k, 0.0) for wb in specs), 1)
+            for k in ("kernel", "solve")
+        },
         "seconds": time.perf_counter() - t0,
     }
 

@@ -1,10 +1,9 @@
 """The command line: exit codes, messages, and real clusters (LocalCluster, dask processes)."""
 
 import json
-import socket
+import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -89,51 +88,17 @@ def check_store(store, **spec):
     np.testing.assert_allclose(k[off], s.cross(x, x)[off], rtol=1e-12)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_real_scheduler_and_worker_processes(tmp_path):
+def test_real_scheduler_and_worker_processes(tmp_path, dask_processes):
     """`dask scheduler` + two `dask worker` processes on 127.0.0.1, driven by the CLI."""
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = [sys.executable, "-m", "distributed.cli"]
-    procs = [
-        subprocess.Popen([*dask[:2], "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                          "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ]  # fmt: skip
-    try:
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen([*dask[:2], "distributed.cli.dask_worker", address,
-                                  "--nthreads", "1", "--host", "127.0.0.1"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )  # fmt: skip
-        from distributed import Client
-
-        with Client(address, timeout=30) as c:
-            c.wait_for_workers(2, timeout=60)
-        store = str(tmp_path / "k.zarr")
-        out = subprocess.run(
-            [sys.executable, "-m", "nngp_dist.cli", "kernel", "--store", store, *SMALL,
-             "--quiet"],
-            env={**__import__("os").environ, "DASK_SCHEDULER_ADDRESS": address},
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        check_store(store)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        time.sleep(0.1)
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    out = subprocess.run(
+        [sys.executable, "-m", "nngp_dist.cli", "kernel", "--store", store, *SMALL, "--quiet"],
+        env={**os.environ, "DASK_SCHEDULER_ADDRESS": address},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    check_store(store)
 
 
 def test_store_paths_that_cannot_be_stores(tmp_path):

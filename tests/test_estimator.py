@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from nngp_dist import UserError, datasets
+from nngp_dist import UserError, datasets, jobs
 from nngp_dist.estimator import NNGPClassifier, NNGPRegressor
 from nngp_dist.kernels import Spec
 from nngp_dist.predict import targets
@@ -88,3 +88,34 @@ def test_bad_input(data, client):
     clf = NNGPClassifier(noise=1e-2, client=client, **ARCH).fit(x, y)
     with pytest.raises(UserError, match="shape"):
         clf.predict(xs[:, :-1])
+
+
+def test_interrupted_test_replacement_is_never_resumed(tmp_path, data, client):
+    x, y, xs, ys = data
+    store = str(tmp_path / "k.zarr")
+    first = datasets.from_arrays("a", x, y, xs[:10], ys[:10])
+    second = datasets.from_arrays("a", x, y, xs[10:30], ys[10:30])
+    jobs.kernel(store, dataset=first, client=client, progress=False, **ARCH)
+    KernelStore.open(store, "r+").update_meta(replacing_test=True)  # killed mid-replacement
+    with pytest.raises(UserError, match="different run"):
+        jobs.kernel(store, dataset=first, client=client, progress=False, **ARCH)
+    r = jobs.kernel(store, dataset=second, replace_test=True, client=client, progress=False,
+                    **ARCH)  # fmt: skip
+    assert r["action"] == "replace-test" and r["tiles_computed"] == 2  # the test tiles
+    ks = KernelStore.open(store)
+    assert ks.status()["stage"] == "kernel-done" and "replacing_test" not in ks.meta
+    np.testing.assert_allclose(ks.group["k_test_train"][...], Spec(**ARCH).cross(xs[10:30], x),
+                               rtol=1e-12)  # fmt: skip
+
+
+def test_conv_estimator_keeps_image_shapes(client):
+    ds = datasets.load("demo", train_size=60, test_size=20)
+    conv = {"arch": "conv", "depth": 1, "weight_var": 1.5, "bias_var": 0.1, "filter_size": 5}
+    clf = NNGPClassifier(noise=1e-2, client=client, **conv).fit(ds.x_train, ds.y_train)
+    spec = Spec(image_shape=(28, 28, 1), **conv)
+    x, xs = ds.x_train.reshape(60, -1), ds.x_test.reshape(20, -1)
+    k = spec.cross(x, x) + 1e-2 * np.mean(spec.diag(x)) * np.eye(60)
+    ref = spec.cross(xs, x) @ sl.solve(k, targets(np.searchsorted(clf.classes_, ds.y_train)))
+    np.testing.assert_allclose(clf.decision_function(ds.x_test), ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(UserError, match="shape"):
+        clf.predict(ds.x_test.reshape(20, -1))

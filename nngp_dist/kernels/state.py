@@ -26,13 +26,21 @@ class KernelState:
     var2: Any
     ntk: Any = None
     diagonal: bool = False
+    pixels: str = "none"  # "none" (dense), or an image layout: "same" or "full" (kernels.conv)
 
     def rows(self, start: int, stop: int) -> KernelState:
         """The state of rows ``start:stop`` of a cross block (views, no copies)."""
         ntk = self.ntk
-        if ntk is not None and getattr(ntk, "ndim", 0) == 2:
+        if ntk is not None and getattr(ntk, "ndim", 0) >= 2:
             ntk = ntk[start:stop]
         return self.replace(nngp=self.nngp[start:stop], var1=self.var1[start:stop], ntk=ntk)
+
+    def cols(self, start: int, stop: int) -> KernelState:
+        """The state of columns ``start:stop`` of a cross block (views, no copies)."""
+        ntk = self.ntk
+        if ntk is not None and getattr(ntk, "ndim", 0) >= 2:
+            ntk = ntk[:, start:stop]
+        return self.replace(nngp=self.nngp[:, start:stop], var2=self.var2[:, start:stop], ntk=ntk)
 
     def replace(self, **changes: Any) -> KernelState:
         """A copy with ``changes`` applied (the state is immutable)."""

@@ -1,0 +1,224 @@
+"""Detached jobs: a whole run (kernel, solve, predict) that outlives the client that started it.
+
+``submit`` starts a *driver*: a separate ``python -m nngp_dist.detached`` process, launched by a
+task on one of the cluster's workers, in its own session, which connects to the same scheduler
+and runs :func:`nngp_dist.jobs.run`. The submitting client returns at once with a job id; the
+driver keeps going after it exits (and after the task that launched it has finished). Its state
+(``running``, ``done``, ``failed`` with the error, ``cancelled``) lives in a Dask ``Variable``
+on the scheduler, named after the store, and its output in ``<store>.job.log`` for a local
+store (else in the worker's temporary directory).
+
+``cancel`` sends SIGTERM to the driver's process group on its worker (SIGKILL after 10 s): its
+client disconnects, the scheduler forgets its queued tasks, and the tasks running finish their
+tiles (each tile and its record are written before the next), so the store stays consistent
+and a re-submission resumes it. ``nngp-dist status --store`` follows a job's progress.
+
+Because the driver runs on a worker, the dataset and the store must be reachable from the
+workers (shared storage, or an fsspec URL such as ``s3://``), as they must be for the tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from .errors import UserError
+from .storage import normalize_url
+
+__all__ = ["cancel", "job_info", "submit"]
+
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+def _variable_name(store: str) -> str:
+    return f"nngp-dist-job:{normalize_url(store)}"
+
+
+def _log_path(store: str) -> str:
+    url = normalize_url(store)
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://").rstrip("/") + ".job.log"
+    return os.path.join(tempfile.gettempdir(), f"nngp-dist-{uuid.uuid4().hex[:8]}.job.log")
+
+
+def _launch(options: dict, log: str, env: dict) -> dict:
+    """Worker task: start the driver process in a session of its own; return where it runs."""
+    import threading  # noqa: PLC0415
+
+    from distributed import get_worker  # noqa: PLC0415
+
+    worker = get_worker()
+    options = {**options, "scheduler": worker.scheduler.address}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nngp_dist.detached", json.dumps(options)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **env},
+        )  # fmt: skip
+    threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it ends
+    return {"pid": proc.pid, "worker": worker.address, "log": log}
+
+
+def _stop(pid: int, grace: float) -> str:
+    """Worker task: SIGTERM the driver's process group, SIGKILL it after ``grace`` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "not running"
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return "stopped"
+        time.sleep(0.1)
+    os.killpg(pid, signal.SIGKILL)
+    return "killed"
+
+
+def _tls_env() -> dict:
+    """The client's TLS settings, for the driver to connect the same way."""
+    import dask.config  # noqa: PLC0415
+
+    keys = {
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": "distributed.comm.tls.ca-file",
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": "distributed.comm.tls.client.cert",
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": "distributed.comm.tls.client.key",
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "distributed.comm.require-encryption",
+    }
+    out = {}
+    for env, key in keys.items():
+        value = dask.config.get(key, None)
+        if value not in (None, False):
+            out[env] = str(value)
+    return out
+
+
+def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
+    """Start ``run`` on the cluster at ``scheduler`` as a detached job; return its record.
+
+    Options are checked here first (the same checks as ``run``: spec, dataset, store, noise,
+    ...), so bad input fails at once with nothing started. A job already running on this
+    store is refused (cancel it first).
+    """
+    from distributed import Variable  # noqa: PLC0415
+
+    from . import jobs  # noqa: PLC0415
+    from .cluster import connect, scheduler_address  # noqa: PLC0415
+
+    if not scheduler_address(scheduler):
+        raise UserError(
+            "--detach needs a running cluster (--scheduler ADDRESS or DASK_SCHEDULER_ADDRESS): "
+            "an embedded cluster would stop with this command"
+        )
+    store = normalize_url(store)
+    jobs.check_run(store, **run_options)
+    options = {"store": store, **run_options, "progress": False}
+    with connect(scheduler) as c:
+        var = Variable(_variable_name(store), client=c)
+        old = _get(var)
+        if old and old.get("state") == "running":
+            raise UserError(
+                f"job {old['job']} is already running on {store} (since {old['submitted']}); "
+                f"'nngp-dist cancel --store {store}' stops it"
+            )
+        job = uuid.uuid4().hex[:12]
+        record = {"job": job, "state": "starting", "store": store,
+                  "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        var.set(record)
+        where = c.submit(_launch, {**options, "job": job}, _log_path(store), _tls_env(),
+                         pure=False).result()  # fmt: skip
+        current = _get(var) or record
+        if current.get("job") == job:  # merge: the driver may have reported already
+            current.update(where)
+            if current.get("state") == "starting":
+                current["state"] = "running"
+            var.set(current)
+        return {**current, "scheduler": c.scheduler.address}
+
+
+def _get(var: Any) -> dict | None:
+    try:
+        return var.get(timeout=2)
+    except (TimeoutError, OSError):
+        return None
+
+
+def job_info(store: str, *, scheduler: str | None) -> dict:
+    """The record of the last job submitted on ``store`` to the cluster at ``scheduler``."""
+    from distributed import Variable  # noqa: PLC0415
+
+    from .cluster import connect  # noqa: PLC0415
+
+    with connect(scheduler) as c:
+        rec = _get(Variable(_variable_name(store), client=c))
+    if rec is None:
+        raise UserError(f"no job was submitted on {normalize_url(store)} to this scheduler")
+    return rec
+
+
+def cancel(store: str, *, scheduler: str | None) -> dict:
+    """Stop the running job on ``store``; its finished tiles stay, a re-submission resumes."""
+    from distributed import Variable  # noqa: PLC0415
+
+    from .cluster import connect, scheduler_address  # noqa: PLC0415
+
+    if not scheduler_address(scheduler):
+        raise UserError("cancel needs the cluster the job runs on: --scheduler ADDRESS")
+    with connect(scheduler) as c:
+        var = Variable(_variable_name(store), client=c)
+        rec = _get(var)
+        if rec is None or rec.get("state") not in ("running", "starting") or "pid" not in rec:
+            state = rec.get("state") if rec else "none"
+            raise UserError(f"no running job on {normalize_url(store)} (last job: {state})")
+        if rec["worker"] not in c.scheduler_info()["workers"]:
+            outcome = "its worker has left the cluster (and the driver with it, if on it)"
+        else:
+            outcome = c.submit(_stop, rec["pid"], STOP_GRACE, workers=[rec["worker"]],
+                               allow_other_workers=False, pure=False).result()  # fmt: skip
+        rec.update(state="cancelled", cancelled=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        var.set(rec)
+        return {**rec, "outcome": outcome}
+
+
+def _driver(argv: list[str]) -> int:
+    """The driver process: run the job, report its end in the job's Variable."""
+    from distributed import Client, Variable  # noqa: PLC0415
+
+    from . import jobs  # noqa: PLC0415
+
+    options = json.loads(argv[0])
+    job = options.pop("job")
+    store = options.pop("store")
+    scheduler = options.pop("scheduler")
+    with Client(scheduler, timeout=30) as c:
+        var = Variable(_variable_name(store), client=c)
+
+        def report(**fields: Any) -> None:
+            rec = _get(var) or {}
+            if rec.get("job") == job and rec.get("state") != "cancelled":
+                var.set({**rec, **fields})
+
+        report(state="running", pid=os.getpid())
+        print(f"job {job} (driver pid {os.getpid()}): run on {store} via {scheduler}", flush=True)
+        try:
+            result = jobs.run(store, client=c, **options)
+        except Exception as e:  # reported, then re-raised for the log
+            report(state="failed", error=f"{type(e).__name__}: {e}",
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+            raise
+        report(state="done", accuracy=result.get("accuracy"),
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+        print(json.dumps({k: result.get(k) for k in ("accuracy", "mse", "noise")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the driver process
+    sys.exit(_driver(sys.argv[1:]))

@@ -1,0 +1,179 @@
+"""Real clusters (`dask scheduler` and `dask worker` processes on 127.0.0.1): detached jobs,
+cancel and resume, a worker killed mid-job, a scheduler restart, TLS."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import nngp_dist
+from nngp_dist import detached
+
+RUN = ["--dataset", "demo", "--depth", "2", "--weight-var", "1.6", "--bias-var", "0.2",
+       "--noise", "1e-3"]  # fmt: skip
+
+
+def cli(*args, env=None, timeout=180):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "nngp_dist.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def status(store):
+    out = cli("status", "--store", store, "--json")
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def wait_for(predicate, timeout, what, procs=None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            logs = procs.logs() if procs else ""
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(0.3)
+
+
+def tiles_done(store):
+    try:
+        return nngp_dist.KernelStore.open(store).status()["tiles_done"]
+    except nngp_dist.UserError:  # not created yet
+        return 0
+
+
+def progress(store):
+    st = nngp_dist.KernelStore.open(store).status()
+    return (st["stage"], st["tiles_done"], str(st.get("factor_tiles")),
+            str(st.get("predict_blocks")))  # fmt: skip
+
+
+def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    out = cli("submit", "--detach", "--scheduler", address, "--store", store, *RUN,
+              "--train-size", "400", "--test-size", "100")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "job " in out.stdout and "nngp-dist cancel" in out.stdout
+    wait_for(lambda: (status(store) or {}).get("stage") == "done", 120, "the job", dask_processes)
+    st = status(store)
+    assert st["predict"]["accuracy"] > 0.5 and st["tiles_done"] == st["tiles_total"]
+    info = detached.job_info(store, scheduler=address)
+    assert info["state"] == "done" and info["accuracy"] == st["predict"]["accuracy"]
+    log = open(store + ".job.log").read()
+    assert "accuracy" in log
+    # A second detached job while none runs is fine; bad input fails at once, nothing started.
+    bad = cli("submit", "--detach", "--scheduler", address, "--store", store, *RUN,
+              "--train-size", "400", "--test-size", "100", "--noise", "-1")  # fmt: skip
+    assert bad.returncode == 2 and "--noise" in bad.stderr
+    assert cli("submit", "--detach", "--store", store, *RUN).returncode == 2  # no scheduler
+
+
+def test_cancel_then_resubmit_resumes(tmp_path, dask_processes):
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    job = [*RUN, "--train-size", "2000", "--test-size", "500", "--tile-size", "100"]
+    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
+    wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
+    out = cli("cancel", "--store", store, "--scheduler", address)
+    assert out.returncode == 0 and "cancelled" in out.stdout, out.stderr
+    time.sleep(2)  # tiles running when it was cancelled finish
+    frozen = progress(store)
+    time.sleep(3)
+    assert progress(store) == frozen and frozen[0] != "done"  # nothing moves any more
+    assert detached.job_info(store, scheduler=address)["state"] == "cancelled"
+    assert cli("cancel", "--store", store, "--scheduler", address).returncode == 2  # none runs
+    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
+    wait_for(lambda: (status(store) or {}).get("stage") == "done", 240, "the resumed job",
+             dask_processes)  # fmt: skip
+    st = status(store)
+    if frozen[0] == "kernel":  # cancelled in the kernel stage: only the rest was computed
+        assert st["stages"]["kernel"]["tiles"] == st["tiles_total"] - frozen[1]
+    check_kernel(store)
+
+
+def check_kernel(store):
+    ds = nngp_dist.open_store(store)
+    spec = nngp_dist.Spec.from_dict(ds.attrs["nngp_dist"]["spec"])
+    x, xt = ds.x_train.values, ds.x_test.values
+    np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xt, x), rtol=1e-12)
+    np.testing.assert_allclose(ds.k_train_train.values[::7, ::5], spec.cross(x[::7], x[::5]),
+                               rtol=1e-12)  # fmt: skip
+
+
+def test_killed_worker_costs_only_its_tiles(tmp_path, dask_processes):
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    job = [*RUN, "--train-size", "1500", "--test-size", "300", "--tile-size", "100", "--quiet"]
+    run = subprocess.Popen([sys.executable, "-m", "nngp_dist.cli", "run", "--store", store,
+                            "--scheduler", address, "--json", store + ".json", *job],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
+        dask_processes.kill_worker(1)  # SIGKILL, nanny and worker
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    check_kernel(store)
+    # The same result as a clean run of the same job on an embedded cluster.
+    clean = str(tmp_path / "clean.zarr")
+    assert cli("run", "--store", clean, "--workers", "1", *job).returncode == 0
+    a, b = nngp_dist.open_store(store), nngp_dist.open_store(clean)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a["variance"].values, b["variance"].values, rtol=1e-7, atol=1e-12)
+
+
+def test_scheduler_restart_then_resubmission_resumes(tmp_path, dask_processes):
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    job = [*RUN, "--train-size", "1500", "--test-size", "200", "--tile-size", "100"]
+    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
+    wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
+    dask_processes.stop()  # the scheduler and its workers go; the driver loses its cluster
+    done = tiles_done(store)
+    address = dask_processes.start(2)
+    out = cli("submit", "--scheduler", address, "--store", store, *job, "--quiet")
+    assert out.returncode == 0, out.stderr
+    st = status(store)
+    assert st["stage"] == "done" and st["stages"]["kernel"]["tiles"] <= st["tiles_total"] - done
+
+
+def _certificates(folder):
+    """A CA and one certificate for 127.0.0.1 signed by it, made with the openssl CLI."""
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "1", "-subj", "/CN=nngp-dist test CA")  # fmt: skip
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr",
+        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "node.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    return [str(folder / n) for n in ("ca.pem", "node.pem", "node.key")]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_cluster(tmp_path, dask_processes):
+    ca, cert, key = _certificates(tmp_path)
+    tls = ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
+    address = dask_processes.start(2, scheduler_args=["--protocol", "tls", *tls],
+                                   worker_args=tls)  # fmt: skip
+    assert address.startswith("tls://")
+    store = str(tmp_path / "k.zarr")
+    job = ["--store", store, *RUN, "--train-size", "300", "--test-size", "50", "--quiet"]
+    plain = cli("run", "--scheduler", address, *job,
+                env={"DASK_NNGP_DIST__CONNECT_TIMEOUT": "3s"})  # fmt: skip
+    assert plain.returncode == 2 and "speaks TLS" in plain.stderr
+    assert not os.path.exists(store)
+    out = cli("run", "--scheduler", address, *job, *tls)
+    assert out.returncode == 0, out.stderr + dask_processes.logs()
+    assert status(store)["stage"] == "done"
+    half = cli("run", "--scheduler", address, *job, "--tls-ca-file", ca)
+    assert half.returncode == 2 and "all three" in half.stderr

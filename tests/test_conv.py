@@ -1,0 +1,237 @@
+"""ConvNet GP and ResNet GP kernels against wide random CNNs, the dense kernel, and themselves
+tiled; the CLI and store path for image networks."""
+
+import numpy as np
+import pytest
+
+from nngp_dist.kernels import Spec
+
+from . import reference
+
+RELU = (lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float))
+ERF = (
+    lambda z: __import__("scipy.special").special.erf(z),
+    lambda z: 2 / np.sqrt(np.pi) * np.exp(-z * z),
+)
+
+
+def conv_ops(depth, k=3, stride=1, dilation=1, padding="same", skip_every=0, readout="flatten"):
+    """The finite-network description of Spec(arch="conv", ...): the same layer order."""
+    c = ("conv", k, stride, dilation, padding)
+    if not skip_every:
+        return [c, ("phi",)] * depth + [(readout,)]
+    ops, pairs = [c], depth - 1
+    for start in range(0, pairs, skip_every):
+        n = min(skip_every, pairs - start)
+        block = [("phi",), c] * n
+        ops += [("residual", block, None)] if n == skip_every else block
+    return ops + [("phi",), (readout,)]
+
+
+def resnet_ops(blocks_per_stage):
+    c3 = ("conv", 3, 1, 1, "same")
+    ops = [c3]
+    for stride in (1, 2, 2):
+        for blk in range(blocks_per_stage):
+            s = stride if blk == 0 else 1
+            block = [("phi",), ("conv", 3, s, 1, "same"), ("phi",), c3]
+            short = [("conv", 1, s, 1, "same")] if blk == 0 else None
+            ops.append(("residual", block, short))
+    return ops + [("phi",), ("flatten",)]
+
+
+CASES = {
+    "relu-3x3-same": ({"depth": 2}, RELU, "relu"),
+    "erf-stride-dilation-valid": (
+        {"depth": 2, "stride": 2, "dilation": 2, "padding": "valid", "filter_size": 2},
+        ERF,
+        "erf",
+    ),
+    "relu-residual": ({"depth": 3, "skip_every": 1}, RELU, "relu"),
+    "relu-gap": ({"depth": 2, "readout": "gap"}, RELU, "relu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conv_kernels_match_wide_random_cnns(case):
+    kw, (phi, dphi), name = CASES[case]
+    rng = np.random.default_rng(7)
+    shape = (9, 8, 2)
+    x = rng.standard_normal((4, *shape)) * 0.8
+    w_var, b_var = 1.7, 0.2
+    ops = conv_ops(
+        kw["depth"], kw.get("filter_size", 3), kw.get("stride", 1), kw.get("dilation", 1),
+        kw.get("padding", "same"), kw.get("skip_every", 0), kw.get("readout", "flatten"),
+    )  # fmt: skip
+    nngp_mc, ntk_mc = reference.monte_carlo_conv_kernels(
+        x, ops, phi, dphi, w_var, b_var, width=192, nets=6
+    )
+    flat = x.reshape(len(x), -1)
+    for kind, mc in (("nngp", nngp_mc), ("ntk", ntk_mc)):
+        spec = Spec(arch="conv", weight_var=w_var, bias_var=b_var, activation=name, kernel=kind,
+                    image_shape=shape, **kw)  # fmt: skip
+        k = spec.cross(flat, flat)
+        np.testing.assert_allclose(k, mc, atol=0.03 * np.abs(mc).max(), rtol=0.05)
+        np.testing.assert_allclose(np.diag(k), spec.diag(flat), rtol=1e-12)
+
+
+def test_resnet_gp_matches_a_wide_random_resnet():
+    """The resnet32 layer order with one block per stage (the preset has five) against finite
+    networks of that order; the preset itself is checked for shape and consistency below. The
+    NNGP from wide networks (forward passes only); the NTK from narrower ones, whose Monte
+    Carlo error through 10 layers is about 10%, so only to 20% (the NTK of residual, strided
+    and projection layers is checked tightly in the cases above)."""
+    import nngp_dist.kernels.spec as spec_module
+
+    rng = np.random.default_rng(8)
+    shape = (8, 8, 1)
+    x = rng.standard_normal((3, *shape))
+    flat = x.reshape(3, -1)
+    nngp_mc, _ = reference.monte_carlo_conv_kernels(
+        x, resnet_ops(1), *RELU, 1.0, 0.0, width=512, nets=12, ntk=False
+    )
+    _, ntk_mc = reference.monte_carlo_conv_kernels(
+        x, resnet_ops(1), *RELU, 1.0, 0.0, width=128, nets=4, seed=1
+    )
+    for kind, mc, tol in (("nngp", nngp_mc, 0.05), ("ntk", ntk_mc, 0.2)):
+        spec = Spec(arch="resnet32", image_shape=shape, kernel=kind)
+        layers = spec_module._resnet32_layers(1.0, 0.0, spec.activation, blocks_per_stage=1)
+        k = _evaluate(spec, layers, flat)
+        np.testing.assert_allclose(k, mc, atol=tol * np.abs(mc).max(), rtol=tol)
+
+
+def _evaluate(spec, layers, flat):
+    from nngp_dist.kernels.conv import conv_input_state
+
+    state = conv_input_state(flat, flat, spec.image_shape)
+    state = state.replace(ntk=0.0 if spec.kernel == "ntk" else None)
+    for layer in layers:
+        state = layer(state)
+    return spec._out(spec._readout()(state))
+
+
+def test_conv_equals_dense_when_the_filter_covers_the_image():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((5, 32)), rng.standard_normal((3, 32))
+    for kind in ("nngp", "ntk"):
+        fc = Spec(depth=1, weight_var=1.7, bias_var=0.3, kernel=kind)
+        cv = Spec(arch="conv", depth=1, weight_var=1.7, bias_var=0.3, kernel=kind, filter_size=4,
+                  padding="valid", image_shape=(4, 4, 2))  # fmt: skip
+        np.testing.assert_allclose(cv.cross(x, y), fc.cross(x, y), rtol=1e-13)
+        np.testing.assert_allclose(cv.diag(x), fc.diag(x), rtol=1e-13)
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+def test_blocked_equals_unblocked_and_depths_from_one_pass(monkeypatch, readout):
+    import nngp_dist.kernels.spec as spec_module
+
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((7, 75)), rng.standard_normal((5, 75))
+    spec = Spec(arch="conv", depth=3, weight_var=1.5, bias_var=0.1, image_shape=(5, 5, 3),
+                readout=readout, kernel="ntk")  # fmt: skip
+    whole = spec.cross(x, y, depths=[0, 1, 3])
+    monkeypatch.setitem(spec_module.CONV_BLOCK_ENTRIES, "numpy", 1)  # one pair per block
+    np.testing.assert_allclose(spec.cross(x, y, depths=[0, 1, 3]), whole, rtol=1e-13)
+    for k, depth in enumerate([0, 1, 3]):
+        single = Spec(arch="conv", depth=depth, weight_var=1.5, bias_var=0.1,
+                      image_shape=(5, 5, 3), readout=readout, kernel="ntk")  # fmt: skip
+        np.testing.assert_allclose(single.cross(x, y), whole[k], rtol=1e-12)
+
+
+def test_resnet32_preset_shape_and_symmetry():
+    spec = Spec(arch="resnet32", image_shape=(8, 8, 1))
+    assert "depth" not in spec.to_dict() and spec.to_dict()["image_shape"] == [8, 8, 1]
+    convs = sum(1 for layer in spec.layers() for _ in [layer])  # 1 conv + 15 blocks + phi
+    assert convs == 17
+    x = np.random.default_rng(4).standard_normal((4, 64))
+    k = spec.cross(x, x)
+    np.testing.assert_allclose(k, k.T, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(k), spec.diag(x), rtol=1e-12)
+    assert np.linalg.eigvalsh(k).min() > 0
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"filter_size": 0}, "filter size"),
+        ({"padding": "full"}, "padding"),
+        ({"readout": "max"}, "readout"),
+        ({"skip_every": -1}, "skip_every"),
+        ({"image_shape": (3, 3)}, "image_shape"),
+    ],
+)
+def test_bad_conv_specs(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Spec(arch="conv", **kw)
+
+
+def test_valid_filter_too_large_and_strided_identity_skip_fail_clearly():
+    x = np.ones((2, 16))
+    with pytest.raises(ValueError, match="does not fit"):
+        Spec(arch="conv", depth=3, filter_size=3, padding="valid", image_shape=(4, 4, 1)).cross(
+            x, x
+        )
+    with pytest.raises(ValueError, match="projection shortcut"):
+        Spec(arch="conv", depth=3, stride=2, skip_every=1, image_shape=(4, 4, 1)).cross(x, x)
+
+
+def test_reference_cnn_backprop_matches_finite_differences():
+    """The Monte Carlo oracle's hand-written backprop, checked by central differences."""
+    rng = np.random.default_rng(1)
+    ops = [("conv", 3, 1, 1, "same"), ("phi",),
+           ("residual", [("phi",), ("conv", 3, 2, 1, "same"), ("phi",), ("conv", 3, 1, 1, "same")],
+            [("conv", 1, 2, 1, "same")]),
+           ("phi",), ("gap",)]  # fmt: skip
+    for ops_, shape in ((ops, (5, 5, 2)), (conv_ops(2, 2, 2, 2, "valid"), (7, 8, 2))):
+        x = rng.standard_normal((3, *shape))
+        net = reference.FiniteConvNet(rng, ops_, 2, 3, np.tanh, lambda z: 1 - np.tanh(z) ** 2,
+                                      1.3, 0.2)  # fmt: skip
+        np.testing.assert_allclose(net.ntk(x), net.output_fd(x), rtol=1e-6, atol=1e-8)
+
+
+def test_cli_conv_store_is_tiled_exactly_and_records_the_image_shape(tmp_path):
+    from click.testing import CliRunner
+
+    from nngp_dist import datasets, open_store
+    from nngp_dist.cli import main
+
+    store = tmp_path / "cnn.zarr"
+    args = ["kernel", "--dataset", "demo", "--store", str(store), "--arch", "conv", "--depth",
+            "2", "--filter-size", "5", "--stride", "2", "--train-size", "70", "--test-size",
+            "20", "--tile-size", "32", "--kernel", "ntk", "--scheduler", "synchronous",
+            "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    ds = open_store(str(store))
+    spec = Spec.from_dict(ds.attrs["nngp_dist"]["spec"])
+    assert spec.image_shape == (28, 28, 1) and spec.stride == 2 and spec.kernel == "ntk"
+    data = datasets.load("demo", train_size=70, test_size=20)
+    x, xs = data.x_train.reshape(70, -1), data.x_test.reshape(20, -1)
+    k = ds.k_train_train.values
+    off = ~np.eye(70, dtype=bool)  # the stored diagonal is the diagonal recursion's (below)
+    np.testing.assert_allclose(k[off], spec.cross(x, x)[off], rtol=1e-12)
+    np.testing.assert_allclose(np.diag(k), spec.diag(x), rtol=1e-13)
+    np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xs, x), rtol=1e-12)
+    np.testing.assert_allclose(ds.k_test_diag.values, spec.diag(xs), rtol=1e-12)
+
+
+def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
+    from click.testing import CliRunner
+
+    from nngp_dist.cli import main
+
+    flat = tmp_path / "flat.npz"
+    rng = np.random.default_rng(0)
+    np.savez(flat, x_train=rng.random((10, 12)), y_train=np.arange(10) % 2,
+             x_test=rng.random((3, 12)), y_test=np.arange(3) % 2)  # fmt: skip
+    for extra, message in (
+        ([f"npz:{flat}", "--arch", "conv"], "images"),
+        (["demo", "--arch", "conv", "--depth", "9", "--padding", "valid", "--filter-size", "5"],
+         "does not fit"),
+        (["demo", "--arch", "conv", "--stride", "2", "--skip-every", "1"], "projection"),
+    ):  # fmt: skip
+        store = tmp_path / "s.zarr"
+        res = CliRunner().invoke(main, ["kernel", "--dataset", *extra, "--store", str(store),
+                                        "--train-size", "20", "--test-size", "5"])  # fmt: skip
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not store.exists()
