@@ -56,15 +56,16 @@ import json, sys, time
 import numpy as np, scipy.linalg as sl, zarr
 from nngp_dist.predict import targets
 store, noise = sys.argv[1], float(sys.argv[2])
+n, m = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (None, None)
 def hwm():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 g = zarr.open_group(store, mode="r")
 t0 = time.perf_counter()
-k = g["k_train_train"][...]
+k = g["k_train_train"][:n, :n]
 k = np.triu(k) + np.triu(k, 1).T
-ks = g["k_test_train"][...]
-kd = g["k_test_diag"][...]
-y = g["y_train"][...]
+ks = g["k_test_train"][:m, :n]
+kd = g["k_test_diag"][:m]
+y = g["y_train"][:n]
 read = time.perf_counter() - t0
 s = noise * np.mean(np.diag(k))
 k[np.diag_indices_from(k)] += s

@@ -31,9 +31,13 @@ from neural_tangents import stax
 DIM = 784
 
 
-def build_kernel_fn(depth, w_var, b_var):
+def build_kernel_fn(depth, w_var, b_var, arch="fc"):
     w_std, b_std = math.sqrt(w_var), math.sqrt(b_var)
-    layers = [stax.Dense(512, W_std=w_std, b_std=b_std), stax.Relu()] * depth
+    if arch == "conv":  # 3x3 SAME convs, flatten, dense readout (nngp_dist's --arch conv)
+        layers = [stax.Conv(512, (3, 3), padding="SAME", W_std=w_std, b_std=b_std),
+                  stax.Relu()] * depth + [stax.Flatten()]  # fmt: skip
+    else:
+        layers = [stax.Dense(512, W_std=w_std, b_std=b_std), stax.Relu()] * depth
     return stax.serial(*layers, stax.Dense(1, W_std=w_std, b_std=b_std))[2]
 
 
@@ -47,13 +51,21 @@ def main(argv=None):
     p.add_argument("--kernel", choices=("nngp", "ntk"), default="nngp")
     p.add_argument("--batch-size", type=int, default=0, help="0 = unbatched (default)")
     p.add_argument("--check", action="store_true", help="print K[0:3, 0:3] to stderr")
+    p.add_argument(
+        "--arch",
+        choices=("fc", "conv"),
+        default="fc",
+        help="conv: 28x28x1 images, 3x3 SAME convs, flatten, dense readout",
+    )
+    p.add_argument("--save", default=None, help="write the kernel here (.npy)")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
 
     if args.batch_size and args.n % args.batch_size:
         p.error(f"--batch-size {args.batch_size} must divide --n {args.n}")
-    x = jax.device_put(np.random.default_rng(0).uniform(0.0, 1.0, size=(args.n, DIM)))
-    kernel_fn = build_kernel_fn(args.depth, args.weight_var, args.bias_var)
+    x = np.random.default_rng(0).uniform(0.0, 1.0, size=(args.n, DIM))
+    x = jax.device_put(x.reshape(args.n, 28, 28, 1) if args.arch == "conv" else x)
+    kernel_fn = build_kernel_fn(args.depth, args.weight_var, args.bias_var, args.arch)
 
     if args.batch_size:
         # nt.batch jits each block itself; warm up on one block to compile that shape.
@@ -77,11 +89,14 @@ def main(argv=None):
         k = np.asarray(compute())
         best = min(best, time.perf_counter() - t0)
 
+    if args.save:
+        np.save(args.save, k)
     if args.check:
         np.set_printoptions(precision=17)
         print(repr(k[:3, :3]), file=sys.stderr)
     result = {
         "impl": "neural-tangents",
+        "arch": args.arch,
         "kernel": args.kernel,
         "n": args.n,
         "depth": args.depth,
