@@ -1,0 +1,52 @@
+"""The store on an object store: a real S3-compatible server (moto's, over HTTP on 127.0.0.1),
+written by worker processes through s3fs, exactly as on AWS S3 or MinIO."""
+
+import socket
+
+import numpy as np
+import pytest
+
+import nngp_dist
+from nngp_dist import UserError, jobs
+
+moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+pytest.importorskip("s3fs", reason="needs s3fs (the test extra)")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)  # read by s3fs in this process and in the workers
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("kernels")
+    try:
+        yield "s3://kernels"
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_whole_job_on_an_s3_store(s3):
+    store = f"{s3}/demo.zarr"
+    small = {"dataset": "demo", "train_size": 200, "test_size": 60, "tile_size": 64, "depth": 2,
+             "weight_var": 1.6, "bias_var": 0.2}  # fmt: skip
+    report = jobs.run(store, noise=1e-3, workers=2, progress=False, **small)
+    assert report["accuracy"] > 0.5
+    ds = nngp_dist.open_store(store)
+    spec = nngp_dist.Spec(depth=2, weight_var=1.6, bias_var=0.2)
+    x, xt = ds.x_train.values, ds.x_test.values
+    np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xt, x), rtol=1e-12)
+    assert nngp_dist.KernelStore.open(store).status()["stage"] == "done"
+    again = jobs.kernel(store, workers=1, progress=False, **small)
+    assert again["tiles_computed"] == 0 and again["action"] == "resume"
+    with pytest.raises(UserError, match="different run"):
+        jobs.kernel(store, workers=1, progress=False, **{**small, "depth": 3})
