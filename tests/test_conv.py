@@ -235,3 +235,49 @@ def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
                                         "--train-size", "20", "--test-size", "5"])  # fmt: skip
         assert res.exit_code == 2 and message in res.output, res.output
         assert not store.exists()
+
+
+# neural-tangents 0.6.5 (jax 0.4.23, float64), an independent implementation, on
+# x = default_rng(11).standard_normal((3, 6, 5, 2)): stax.Conv(64, (k, k), strides, padding,
+# W_std=sqrt(1.7), b_std=sqrt(0.2)) + Relu, twice, then Flatten or GlobalAvgPool, then
+# Dense(1, same stds); kernel_fn(x, x, ("nngp", "ntk")), upper triangle row by row.
+NEURAL_TANGENTS = {
+    "flatten": ({}, [1.0639411313765472, 0.8678040916055477, 0.7862650741695859,
+                     1.3087191755937497, 0.7631989990661284, 1.0762742327752648],
+                [2.6218233941296414, 1.429429945606128, 1.2557143619037656, 3.356157526781249,
+                 1.0592729072162168, 2.6588226983257948]),
+    "gap": ({"readout": "gap"}, [0.7067370255594133, 0.742444735096139, 0.6908095306692013,
+                                 0.8088357397677776, 0.7438203657566452, 0.7016349727425992],
+            [1.0430945034700922, 1.0480737796203077, 0.9750021599174139, 1.1778940058915774,
+             1.0514177891025742, 1.0250413633382487]),
+    "stride2-valid-2x2": ({"stride": 2, "padding": "valid", "filter_size": 2},
+                          [1.3407896124508645, 1.0374477756298972, 0.9562073135809692,
+                           1.823944641020329, 0.9526873583380372, 1.57028995564645],
+                          [3.4523688373525934, 1.6240937580470802, 1.4533598709036037,
+                           4.9018339230609875, 1.2259445527264077, 4.140869865455436]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(NEURAL_TANGENTS))
+def test_against_neural_tangents(case):
+    kw, nngp, ntk = NEURAL_TANGENTS[case]
+    x = np.random.default_rng(11).standard_normal((3, 6, 5, 2)).reshape(3, -1)
+    upper = np.triu_indices(3)
+    for kind, ref in (("nngp", nngp), ("ntk", ntk)):
+        spec = Spec(arch="conv", depth=2, weight_var=1.7, bias_var=0.2, image_shape=(6, 5, 2),
+                    kernel=kind, **kw)  # fmt: skip
+        # its NTK diagonal carries arccos(1 - eps) rounding (~1e-10 here)
+        np.testing.assert_allclose(spec.cross(x, x)[upper], ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+def test_backends_agree_on_conv(xp, readout):
+    """The conv recursion on each array namespace (CuPy runs only where a GPU is present)."""
+    from nngp_dist.backend import to_host
+
+    x = np.random.default_rng(9).standard_normal((5, 48))
+    spec = Spec(arch="conv", depth=3, weight_var=1.6, bias_var=0.1, image_shape=(4, 4, 3),
+                readout=readout, skip_every=1, kernel="ntk")  # fmt: skip
+    got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:3])))
+    np.testing.assert_allclose(got, spec.cross(x, x[:3]), rtol=1e-10)
+    np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
