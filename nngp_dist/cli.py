@@ -237,6 +237,13 @@ solve_options = _options(
         "--tol", type=float, default=1e-8, show_default=True, help="CG: relative residual to reach."
     ),
     click.option(
+        "--preconditioner",
+        type=click.Choice(["nystrom", "block-jacobi", "none"]),
+        default="nystrom",
+        show_default=True,
+        help="CG: Nystrom (the first tile's points as landmarks), block-Jacobi, or none.",
+    ),
+    click.option(
         "--maxiter",
         type=int,
         default=1000,
@@ -560,10 +567,12 @@ def status(store: str, as_json: bool) -> None:
         f"tile {st['tile_size']}, {st['dtype']}"
     )
     for stage, rec in st["stages"].items():
-        click.echo(
-            f"{stage}:  started {rec.get('started')}, finished {rec.get('finished')}, "
-            f"{rec.get('seconds')} s"
+        end = (
+            f"finished {rec['finished']}, {rec.get('seconds')} s"
+            if rec.get("finished")
+            else "not finished (running, or stopped: run it again to resume)"
         )
+        click.echo(f"{stage + ':':8s} started {rec.get('started')}, {end}")
     click.echo(f"task time: {st['task_seconds']} s summed over kernel tiles")
     if "factor_tiles" in st:
         f = st["factor_tiles"]

@@ -127,7 +127,7 @@ def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
         if old and old.get("state") == "running":
             raise UserError(
                 f"job {old['job']} is already running on {store} (since {old['submitted']}); "
-                f"'nngp-dist cancel --store {store}' stops it"
+                f"'nngp-dist cancel --store {store} --scheduler {c.scheduler.address}' stops it"
             )
         job = uuid.uuid4().hex[:12]
         record = {"job": job, "state": "starting", "store": store,

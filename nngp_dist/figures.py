@@ -194,6 +194,12 @@ def figures(store: str, out: str, *, sweep: str | None = None, sizes: list[int] 
             raise UserError(
                 f"--sweep {sweep}: not a sweep.json written by nngp-dist sweep ({e})"
             ) from None
+    solved = ks.meta.get("solve") or {}
+    if solved.get("method") != "cholesky":
+        raise UserError(
+            f"{store} was solved by CG; the figures' learning curve needs the Cholesky factor: "
+            f"run 'nngp-dist solve --store {store}' (without --method cg) first"
+        )
     os.makedirs(out, exist_ok=True)
     paths = {
         "calibration": _calibration_png(ks, os.path.join(out, "calibration.png"), bins),

@@ -16,7 +16,7 @@ from .cluster import connect, scheduler_address
 from .compute import compute_kernel
 from .errors import UserError
 from .kernels import Spec
-from .storage import KernelStore, _utcnow, normalize_url
+from .storage import KernelStore, _utcnow, normalize_url, writable
 from .tiling import TilePlan
 
 __all__ = ["check_run", "kernel", "predict", "run", "solve"]
@@ -463,7 +463,7 @@ def _check_predict_options(bins: int, json_path: str | None) -> None:
         raise UserError(f"--bins must be at least 1, got {bins}")
     if json_path:
         folder = os.path.dirname(os.path.abspath(json_path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        if not os.path.isdir(folder) or not writable(folder):
             raise UserError(f"--json {json_path}: {folder} is not a writable directory")
 
 

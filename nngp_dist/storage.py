@@ -166,7 +166,7 @@ class KernelStore:
                 probe = probe.parent
             if not probe.is_dir():
                 raise UserError(f"{probe} is a file, so {url} cannot be created under it")
-            if not os.access(probe, os.W_OK):
+            if not writable(probe):
                 raise UserError(f"cannot write to {probe}; choose a writable --store location")
             if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
                 raise UserError(
@@ -409,6 +409,18 @@ def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[st
                                    fill_value=np.nan,
                                    dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
                                    compressors=None)  # fmt: skip
+
+
+def writable(folder: Path | str) -> bool:
+    """Whether a file can be created in ``folder``: tried, not guessed (``os.access`` says yes
+    to root everywhere, and to read-only mounts and pseudo file systems)."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".nngp-dist-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _show(meta: dict, key: str) -> str:

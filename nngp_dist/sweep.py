@@ -39,6 +39,7 @@ from . import datasets
 from .errors import UserError
 from .kernels import Spec, input_state
 from .predict import targets
+from .storage import writable
 
 __all__ = ["parse_grid", "parse_depths", "sweep"]
 
@@ -215,9 +216,9 @@ def sweep(
         _probe(spec, ds, "float64")
     out = os.path.abspath(os.path.expanduser(out))
     parent = os.path.dirname(out)
-    if not os.path.isdir(out) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+    if not os.path.isdir(out) and not (os.path.isdir(parent) and writable(parent)):
         raise UserError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
-    if os.path.isdir(out) and not os.access(out, os.W_OK):
+    if os.path.isdir(out) and not writable(out):
         raise UserError(f"--out {out} is not writable")
 
     x_fit, x_val = ds.x_train[:n], ds.x_train[n_all - v :]

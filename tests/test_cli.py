@@ -120,3 +120,14 @@ def test_bad_config_value(monkeypatch, tmp_path):
         monkeypatch.delenv("DASK_NNGP_DIST__TILE_SIZE")
         dask.config.refresh()
     assert r.exit_code == 2 and "tile-size must be an integer" in r.output
+
+
+def test_cg_preconditioner_option(tmp_path):
+    store = str(tmp_path / "k.zarr")
+    r = invoke("run", "--store", store, *SMALL, "--method", "cg", "--preconditioner",
+               "block-jacobi", "--noise", "1e-2", "--workers", "1", "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    solved = nngp_dist.KernelStore.open(store).meta["solve"]
+    assert solved["method"] == "cg" and "blockjacobi" in json.dumps(solved).replace("-", "")
+    bad = CliRunner().invoke(main, ["solve", "--store", store, "--preconditioner", "ilu"])
+    assert bad.exit_code == 2 and "ilu" in bad.output

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,12 +103,23 @@ def test_refuses_to_write_into_a_foreign_directory(tmp_path, small_npz):
     assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_location_is_refused(tmp_path, small_npz):
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o500)
+    """A read-only folder (for root, who may write anywhere else, /proc: writability is
+    tried, not guessed from permissions)."""
+    if os.geteuid() == 0:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("root, and no /proc to try")
+        ro = Path("/proc")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
     with pytest.raises(UserError, match="cannot write"):
         run(ro / "k.zarr", small_npz)
+    from nngp_dist.sweep import sweep
+
+    with pytest.raises(UserError, match="--out"):
+        sweep(str(ro / "sw"), dataset="demo", train_size=50, validation_size=20, depths="1",
+              weight_vars="1", bias_vars="0", noises="1e-2", progress=False)  # fmt: skip
 
 
 def test_status_counts_tiles_and_stage(tmp_path, small_npz):
