@@ -51,6 +51,11 @@ def progress(store):
             str(st.get("predict_blocks")))  # fmt: skip
 
 
+def submit_and_wait_for_ten_tiles(address, store, job, procs):
+    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
+    wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", procs)
+
+
 def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
     address = dask_processes.start(2)
     store = str(tmp_path / "k.zarr")
@@ -76,8 +81,7 @@ def test_cancel_then_resubmit_resumes(tmp_path, dask_processes):
     address = dask_processes.start(2)
     store = str(tmp_path / "k.zarr")
     job = [*RUN, "--train-size", "2000", "--test-size", "500", "--tile-size", "100"]
-    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
-    wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
+    submit_and_wait_for_ten_tiles(address, store, job, dask_processes)
     out = cli("cancel", "--store", store, "--scheduler", address)
     assert out.returncode == 0 and "cancelled" in out.stdout, out.stderr
     time.sleep(2)  # tiles running when it was cancelled finish
@@ -132,8 +136,7 @@ def test_scheduler_restart_then_resubmission_resumes(tmp_path, dask_processes):
     address = dask_processes.start(2)
     store = str(tmp_path / "k.zarr")
     job = [*RUN, "--train-size", "1500", "--test-size", "200", "--tile-size", "100"]
-    assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
-    wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
+    submit_and_wait_for_ten_tiles(address, store, job, dask_processes)
     dask_processes.stop()  # the scheduler and its workers go; the driver loses its cluster
     done = tiles_done(store)
     address = dask_processes.start(2)

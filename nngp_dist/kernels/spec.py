@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import backend
 from . import nonlinearities
@@ -45,6 +45,12 @@ CONV_BLOCK_ENTRIES = {"numpy": 1 << 20, "cupy": 1 << 26}
 
 _CONV_KEYS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout",
               "image_shape")  # fmt: skip
+
+
+class _Program(NamedTuple):
+    layers: list[Layer]
+    readout: Layer | None
+    taps: dict[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +214,9 @@ class Spec:
         if self.arch == "fc":
             d = dense(w, b)
             return [d, phi] * self.depth + [d]
-        geometry = ConvGeometry(self.filter_size, self.stride, self.dilation, self.padding)
-        c = conv(w, b, geometry)
         if self.arch == "resnet32":
             return _resnet32_layers(w, b, phi)
+        c = conv(w, b, ConvGeometry(self.filter_size, self.stride, self.dilation, self.padding))
         if not self.skip_every or self.depth < 2:
             return [c, phi] * self.depth
         out: list[Layer] = [c]
@@ -249,16 +254,16 @@ class Spec:
             return self.cross_from(input_state(x1, x2), depths=depths)
         shape = self._checked_image_shape(x1.shape[1])
         full = self.readout == "gap"
-        taps = self._taps(depths)
+        program = self._program(depths)
         n1, n2 = len(x1), len(x2)
-        out = xp.empty((len(taps), n1, n2), dtype=xp.float64)
+        out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
         rows = max(1, pairs // cols)
         for r0 in range(0, n1, rows):
             for c0 in range(0, n2, cols):
                 state = conv_input_state(x1[r0 : r0 + rows], x2[c0 : c0 + cols], shape, full=full)
-                self._run(state, taps, out[:, r0 : r0 + rows, c0 : c0 + cols])
+                self._run(state, program, out[:, r0 : r0 + rows, c0 : c0 + cols])
         return out if depths is not None else out[0]
 
     def cross_from(self, inputs: KernelState, *, depths: list[int] | None = None) -> Any:
@@ -271,54 +276,58 @@ class Spec:
         if self.is_image:
             raise ValueError("cross_from is for fully connected networks; use cross")
         xp = backend.namespace(inputs.nngp)
-        taps = self._taps(depths)
-        state = inputs.replace(ntk=0.0 if self.kernel == "ntk" else None)
-        n1, n2 = state.nngp.shape
-        out = xp.empty((len(taps), n1, n2), dtype=xp.float64)
+        program = self._program(depths)
+        n1, n2 = inputs.nngp.shape
+        out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
         rows = max(1, BLOCK_ENTRIES // max(n2, 1)) if xp.__name__ == "numpy" else max(n1, 1)
         for r0 in range(0, n1, rows):
-            self._run(state.rows(r0, r0 + rows), taps, out[:, r0 : r0 + rows])
+            self._run(inputs.rows(r0, r0 + rows), program, out[:, r0 : r0 + rows])
         return out if depths is not None else out[0]
 
     def diag(self, x: Any, *, depths: list[int] | None = None) -> Any:
         """``k(x, x)`` for each row of ``x``: shape (n,), or (len(depths), n) with ``depths``."""
         xp = backend.namespace(x)
         x = _as_2d(xp, x)
-        taps = self._taps(depths)
-        out = xp.empty((len(taps), x.shape[0]), dtype=xp.float64)
+        program = self._program(depths)
+        out = xp.empty((len(program.taps), x.shape[0]), dtype=xp.float64)
         if not self.is_image:
-            self._run(diagonal_state(x), taps, out)
+            self._run(diagonal_state(x), program, out)
             return out if depths is not None else out[0]
         shape = self._checked_image_shape(x.shape[1])
         full = self.readout == "gap"
         per = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         for r0 in range(0, len(x), per):
             state = conv_diagonal_state(x[r0 : r0 + per], shape, full=full)
-            self._run(state, taps, out[:, r0 : r0 + per])
+            self._run(state, program, out[:, r0 : r0 + per])
         return out if depths is not None else out[0]
 
-    def _run(self, state: KernelState, taps: dict[int, int], out: Any) -> None:
+    def _run(self, state: KernelState, program: _Program, out: Any) -> None:
         """Apply the layers to ``state``, writing the kernel at each tap into ``out[slot]``."""
         state = state.replace(ntk=0.0 if self.kernel == "ntk" else None)
-        readout = self._readout()
+        readout, taps = program.readout, program.taps
 
         def emit(st: KernelState, slot: int) -> None:
             out[slot] = self._out(readout(st) if readout is not None else st)
 
         if 0 in taps:
             emit(state, taps[0])
-        for i, layer in enumerate(self.layers(), 1):
+        for i, layer in enumerate(program.layers, 1):
             state = layer(state)
             if i in taps:
                 emit(state, taps[i])
 
-    def _taps(self, depths: list[int] | None) -> dict[int, int]:
+    def _program(self, depths: list[int] | None) -> _Program:
+        """The layers, the readout and the taps, built once per evaluation (not per block)."""
+        layers = self.layers()
+        return _Program(layers, self._readout(), self._taps(depths, len(layers)))
+
+    def _taps(self, depths: list[int] | None, n_layers: int) -> dict[int, int]:
         """Layer counts after which each requested depth's kernel is read -> output slot."""
         depths = [self.depth] if depths is None else list(depths)
         if self.arch == "resnet32" or (self.is_image and self.skip_every):
             if depths != [self.depth]:
                 raise ValueError("residual networks give their kernel at full depth only")
-            return {len(self.layers()): 0}
+            return {n_layers: 0}
         bad = [d for d in depths if not 0 <= d <= self.depth]
         if bad or len(set(depths)) != len(depths):
             raise ValueError(f"depths must be distinct and in 0..{self.depth}, got {depths}")
