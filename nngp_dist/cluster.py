@@ -61,6 +61,7 @@ def connect(
                 "DASK_SCHEDULER_ADDRESS) for an embedded local cluster."
             ) from None
         with client:
+            _warm_workers(client)
             yield client
         return
     if dask.config.get("distributed.comm.require-encryption", False):
@@ -95,4 +96,11 @@ def connect(
         ) as cluster,
         Client(cluster) as client,
     ):
+        _warm_workers(client)
         yield client
+
+
+def _warm_workers(client: Any) -> None:
+    from .workers import Warmup  # noqa: PLC0415
+
+    client.register_plugin(Warmup())

@@ -6,10 +6,12 @@ import ctypes
 import functools
 import hashlib
 import platform
+import threading
 
 import zarr
+from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["open_group", "store_token", "task_key", "tune_allocator"]
+__all__ = ["Warmup", "open_group", "store_token", "task_key", "tune_allocator"]
 
 
 def store_token(meta: dict) -> str:
@@ -53,3 +55,23 @@ def open_group(url: str, token: str) -> zarr.Group:
     # ``token`` (creation time + data fingerprint) keeps a worker from using the cached metadata
     # of an earlier store that was overwritten at the same URL.
     return zarr.open_group(url, mode="r+")
+
+
+def warm() -> None:
+    """What a worker's first tile would otherwise pay for: import numba and load the compiled
+    recursion (about 1 s on the 2-core dev VM), and tune the allocator."""
+    from .kernels import fused  # noqa: PLC0415
+
+    tune_allocator()
+    fused.warm()
+
+
+class Warmup(WorkerPlugin):
+    """Runs :func:`warm` in a background thread on every worker, as it joins: the loading then
+    overlaps the client's own preparation (reading the dataset, writing the store) instead of
+    delaying each worker's first tile. A tile that starts sooner waits on the import lock."""
+
+    name = "nngp-dist-warmup"
+
+    def setup(self, worker: object) -> None:
+        threading.Thread(target=warm, name=self.name, daemon=True).start()

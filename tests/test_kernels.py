@@ -130,9 +130,56 @@ def test_depth_zero_is_the_linear_kernel():
 def test_row_blocking_does_not_change_the_result(monkeypatch):
     x = np.random.default_rng(7).random((37, 11))
     spec = Spec(depth=4, weight_var=1.3, bias_var=0.1, kernel="ntk")
+    monkeypatch.setattr(kernels.fused, "applies", lambda spec: False)  # layer by layer
     whole = spec.cross(x, x)
     monkeypatch.setattr(kernels.spec, "BLOCK_ENTRIES", 50)  # 1 row per block
     np.testing.assert_array_equal(spec.cross(x, x), whole)
+
+
+def test_compiled_arccos_against_numpy():
+    from nngp_dist.kernels import _relu_loop
+
+    x = np.concatenate([np.linspace(-1, 1, 200_001), [-1.0, -0.5, 0.5, 1.0],
+                        1 - np.logspace(-16, -1, 200), -1 + np.logspace(-16, -1, 200)])  # fmt: skip
+    got = np.empty_like(x)
+    _relu_loop.arccos(x, got)
+    want = np.arccos(x)
+    assert np.max(np.abs(got - want)) <= 4.5e-16
+    # Relative accuracy where arccos is small (x near 1): what pi - t near rho = -1 relies on.
+    near = x > 0.99
+    np.testing.assert_allclose(got[near], want[near], rtol=4e-16, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu:0.2"])
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_compiled_loop_equals_layer_by_layer(monkeypatch, activation, kind):
+    """The compiled CPU loop (kernels.fused) against the layer-by-layer recursion, on pairs
+    at every correlation: random, identical, negated, orthogonal-ish, and zero inputs."""
+    rng = np.random.default_rng(11)
+    x1 = rng.standard_normal((40, 30))
+    x2 = np.concatenate([x1[:10], -x1[10:20], rng.standard_normal((15, 30)), np.zeros((2, 30))])
+    x1[-1] = 0.0
+    depths = [0, 1, 2, 5]
+    for b_var in (0.0, 0.3):
+        spec = Spec(depth=5, weight_var=1.7, bias_var=b_var, activation=activation, kernel=kind)
+        assert kernels.fused.applies(spec)
+        got = spec.cross(x1, x2, depths=depths)
+        with monkeypatch.context() as m:
+            m.setattr(kernels.fused, "applies", lambda spec: False)
+            want = spec.cross(x1, x2, depths=depths)
+        assert np.isfinite(got).all()
+        # At rho = +-1 the NTK's (pi - t) = arccos(-rho) turns a rounding of rho into ~1e-8:
+        # identical and negated pairs get that tolerance, in both forms alike.
+        norms = np.outer(np.linalg.norm(x1, axis=1), np.linalg.norm(x2, axis=1))
+        edge = np.isclose(np.abs(x1 @ x2.T), norms, rtol=1e-12, atol=0)  # and zero inputs
+        np.testing.assert_allclose(got[:, ~edge], want[:, ~edge], rtol=1e-12, atol=1e-15)
+        tol = (1e-7 if kind == "ntk" else 1e-13) * np.abs(want).max()
+        np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
+
+
+def test_compiled_loop_only_for_dense_relu():
+    assert not kernels.fused.applies(Spec(activation="erf"))
+    assert not kernels.fused.applies(Spec(arch="conv", image_shape=(4, 4, 1)))
 
 
 def test_spec_round_trips_and_hash_is_canonical():

@@ -258,18 +258,20 @@ def _peak_rss() -> int:
 
 
 def test_kernel_several_times_larger_than_worker_memory(tmp_path):
-    """N = 8000: the 512 MB float64 kernel is 2.6x each worker's 200 MB limit; the whole job
+    """N = 11,500: the 1.06 GB float64 kernel is 2.6x each worker's 400 MB limit (of which an
+    idle worker with numba's compiled loop loaded takes 200 MB, and Dask pauses a worker at 80%
+    of its limit); the whole job
     (kernel, factor, solve, predict) completes and no worker's peak RSS passes its limit."""
     from nngp_dist.cluster import connect
 
     rng = np.random.default_rng(9)
-    n = 8000
+    n = 11_500
     np.savez(tmp_path / "d.npz", x_train=rng.random((n, 20)), y_train=rng.integers(0, 10, n),
              x_test=rng.random((300, 20)), y_test=rng.integers(0, 10, 300))  # fmt: skip
     store = str(tmp_path / "k.zarr")
-    limit = 200e6
+    limit = 400e6
     with connect(workers=2, memory_limit=int(limit)) as c:
-        options = {"depth": 2, "weight_var": 1.5, "bias_var": 0.1, "tile_size": 400}
+        options = {"depth": 2, "weight_var": 1.5, "bias_var": 0.1, "tile_size": 500}
         data = f"npz:{tmp_path / 'd.npz'}"
         report = jobs.run(store, dataset=data, noise=1e-3, client=c, progress=False, **options)
         peaks = c.run(_peak_rss)

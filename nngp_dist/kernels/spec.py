@@ -14,7 +14,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import backend
-from . import nonlinearities
+from . import fused, nonlinearities
 from .conv import (
     ConvGeometry,
     conv,
@@ -279,6 +279,17 @@ class Spec:
         program = self._program(depths)
         n1, n2 = inputs.nngp.shape
         out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
+        if xp.__name__ == "numpy" and fused.applies(self):
+            taps = {(count - 1) // 2: slot for count, slot in program.taps.items()}
+            fused.dense_relu_cross(self, inputs.nngp, inputs.var1, inputs.var2, taps, out)
+            return out if depths is not None else out[0]
+        return self._cross_layers(inputs, program, out, depths)
+
+    def _cross_layers(self, inputs: KernelState, program: _Program, out: Any,
+                      depths: list[int] | None) -> Any:  # fmt: skip
+        """:meth:`cross_from` layer by layer: the reference, and the path for CuPy arrays."""
+        xp = backend.namespace(inputs.nngp)
+        n1, n2 = inputs.nngp.shape
         rows = max(1, BLOCK_ENTRIES // max(n2, 1)) if xp.__name__ == "numpy" else max(n1, 1)
         for r0 in range(0, n1, rows):
             self._run(inputs.rows(r0, r0 + rows), program, out[:, r0 : r0 + rows])
