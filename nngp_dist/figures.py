@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .storage import KernelStore
+from .storage import KernelStore, solve_block
 from .tiling import span
 
 __all__ = ["figures", "learning_curve", "sweep_heatmap"]
@@ -93,7 +93,7 @@ def learning_curve(store: KernelStore, sizes: list[int] | None = None) -> list[d
             f"{store.url}: the learning curve needs a Cholesky solve; run "
             f"'nngp-dist solve --store {store.url}' (without --method cg) first"
         )
-    n, t, m = meta["n_train"], meta["tile_size"], meta["n_test"]
+    n, t, m = meta["n_train"], solve_block(meta), meta["n_test"]
     sizes = sorted({min(s, n) for s in (sizes or DEFAULT_SIZES) if s >= 1} | {n})
     tt = np.asarray(g["t_train"][...], dtype=np.float64)
     y = np.asarray(g["y_test"][...])

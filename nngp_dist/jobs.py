@@ -16,7 +16,7 @@ from .cluster import connect, scheduler_address
 from .compute import compute_kernel
 from .errors import UserError
 from .kernels import Spec
-from .storage import KernelStore, _utcnow, normalize_url, writable
+from .storage import KernelStore, _utcnow, normalize_url, solve_block, writable
 from .tiling import TilePlan
 
 __all__ = ["check_run", "kernel", "predict", "run", "solve"]
@@ -334,7 +334,7 @@ def predict(
     by_cg = solved["method"] == "cg"
 
     def go(c: Any) -> dict:
-        block = predict_block_size(ks.meta["n_train"], ks.meta["tile_size"], ks.meta["n_test"],
+        block = predict_block_size(ks.meta["n_train"], solve_block(ks.meta), ks.meta["n_test"],
                                    _worker_memory(c))  # fmt: skip
         ks.prepare_predict(min(block, 256) if by_cg else block)
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import workers
-from .storage import KernelStore
+from .storage import KernelStore, solve_block
 from .tiling import span
 
 __all__ = [
@@ -132,7 +132,7 @@ def predict_block_size(n: int, tile: int, m: int, workers: tuple[int, int] = (1,
 def solve_alpha(store: KernelStore, *, client: Any) -> dict:
     """Write ``alpha`` from the factor; return the log marginal likelihood."""
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     url, token = store.url, workers.store_token(meta)
     c = store.group["t_train"].shape[1]
     key = workers.task_key(url, token, "alpha")
@@ -146,7 +146,7 @@ def predict_test(store: KernelStore, *, client: Any, progress: bool = True) -> d
     from .compute import _progress  # noqa: PLC0415
 
     meta = store.meta
-    n, m, t = meta["n_train"], meta["n_test"], meta["tile_size"]
+    n, m, t = meta["n_train"], meta["n_test"], solve_block(meta)
     block = meta["predict_block"]
     url, token = store.url, workers.store_token(meta)
     done = ~np.isnan(store.group["tiles/predict"][...])

@@ -21,7 +21,7 @@ import numpy as np
 from . import workers
 from .errors import UserError
 from .predict import targets
-from .storage import KernelStore
+from .storage import KernelStore, solve_block
 from .tiling import span
 
 __all__ = ["MAX_EIGH", "check_options", "noise_grid"]
@@ -115,7 +115,7 @@ def noise_grid(store: KernelStore, client: Any, noises: list[float], *, validati
     ``mse`` (validation MSE) or ``lml`` (the log marginal likelihood of the fitted points).
     """
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     n_fit = n - validation_size
     y = store.group["y_train"][...]
     n_classes = None

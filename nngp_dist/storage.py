@@ -21,8 +21,10 @@ array                     shape               chunks        contents
 Root attributes, under ``nngp_dist``: ``layout`` (this layout's version), ``version`` (of the
 package that created the store), ``spec`` and ``spec_hash`` (the canonical architecture),
 ``dataset``, ``fingerprint`` (SHA-256 of the inputs), ``train_fingerprint`` (of the training
-inputs and labels alone), ``n_train``, ``n_test``, ``tile_size``,
-``dtype``, ``created``, and ``stages`` (per stage: start, end, seconds, tiles computed).
+inputs and labels alone), ``n_train``, ``n_test``, ``tile_size``, ``solve_block`` (rows per
+block of the factor ``chol`` and the solvers' tasks: the tile for dense nets, a multiple of it
+for image nets; absent in stores made before it existed, which use the tile), ``dtype``,
+``created``, and ``stages`` (per stage: start, end, seconds, tiles computed).
 
 A tile is written first and its completion record second, so a process killed mid-write never
 leaves a tile counted as done. Workers write only their own tiles' chunks; only the client
@@ -44,9 +46,9 @@ from . import __version__
 from .datasets import Dataset
 from .errors import UserError
 from .kernels import Spec
-from .tiling import TilePlan
+from .tiling import TilePlan, solve_block_size
 
-__all__ = ["LAYOUT_VERSION", "KernelStore", "open_store"]
+__all__ = ["LAYOUT_VERSION", "KernelStore", "open_store", "solve_block"]
 
 LAYOUT_VERSION = 1
 KERNEL_ARRAYS = ("k_train_train", "k_test_train", "k_train_diag", "k_test_diag")
@@ -142,6 +144,7 @@ class KernelStore:
             "n_train": int(len(data.x_train)),
             "n_test": int(len(data.x_test)),
             "tile_size": int(tile_size),
+            "solve_block": solve_block_size(spec, tile_size),
             "dtype": str(np.dtype(dtype)),
         }
 
@@ -340,7 +343,7 @@ class KernelStore:
     def prepare_solve(self, t_train: np.ndarray) -> None:
         """(Re)create ``t_train`` and ``alpha``; forget any earlier predictions."""
         n, c = t_train.shape
-        t = self.meta["tile_size"]
+        t = solve_block(self.meta)
         g = self.group
         for name in ("t_train", "alpha"):
             g.create_array(name, shape=(n, c), chunks=(t, c), dtype="float64", fill_value=np.nan,
@@ -431,6 +434,11 @@ def _show(meta: dict, key: str) -> str:
         sizes = f"{meta.get('n_train')} train, {meta.get('n_test')} test"
         return f"{str(v)[:12]}... ({meta.get('dataset')}, {sizes})"
     return repr(v)
+
+
+def solve_block(meta: dict) -> int:
+    """Rows per block of the solvers for a store's attributes (see ``solve_block`` above)."""
+    return int(meta.get("solve_block") or meta["tile_size"])
 
 
 def open_store(path: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tile", "TilePlan", "image_tile_size", "span"]
+__all__ = ["Tile", "TilePlan", "image_tile_size", "solve_block_size", "span"]
 
 
 # Work per tile of an image network, in map entries (pairs x pixels x layers): about a minute
@@ -31,8 +31,7 @@ def image_tile_size(spec: Any, largest: int | None = None, *, gpu: bool = False)
     is 408 for an 8-layer 3x3 ConvNet, 304 for ResNet-32, 16 with global average pooling.
     Memory does not limit it: a tile's maps are evaluated in blocks of at most
     ``CONV_BLOCK_ENTRIES`` entries (8 MB per temporary on CPUs, 512 MB on GPUs) whatever the
-    tile. The tile is also the Cholesky's block, whose task graph grows as (N / T)^3: give
-    ``--tile-size`` for large N on CPUs.
+    tile. The solvers work in blocks of several such tiles (:func:`solve_block_size`).
     """
     if largest is None:
         from . import config  # noqa: PLC0415
@@ -42,6 +41,25 @@ def image_tile_size(spec: Any, largest: int | None = None, *, gpu: bool = False)
         return largest
     edge = int(math.sqrt(IMAGE_TILE_WORK / spec.map_entries_per_pair()))
     return max(16, min(largest, edge // 8 * 8))
+
+
+def solve_block_size(spec: Any, tile: int, largest: int | None = None) -> int:
+    """Rows per block of the solvers (Cholesky, CG, prediction) for a store of ``tile``.
+
+    Dense nets: the tile itself. Image nets: the multiple of the tile nearest the default tile
+    (``largest``, dask config ``nngp-dist.tile-size``), at least one tile. An image net's tile
+    is sized for a minute of kernel work (16 with pooling), while the Cholesky's task graph
+    grows as (N / block)^3 and each task should be a large GEMM: 408-row tiles give
+    2040-row blocks. Being a multiple of the tile, a block off the diagonal holds only upper
+    tiles, and a diagonal block's upper triangle is complete.
+    """
+    if not spec.is_image:
+        return int(tile)
+    if largest is None:
+        from . import config  # noqa: PLC0415
+
+        largest = int(config.get("tile-size"))
+    return int(tile) * max(1, round(largest / tile))
 
 
 def span(t: int, n: int, k: int) -> slice:

@@ -3,6 +3,7 @@ tiled; the CLI and store path for image networks."""
 
 import numpy as np
 import pytest
+import zarr
 
 from nngp_dist.kernels import Spec
 
@@ -281,3 +282,36 @@ def test_backends_agree_on_conv(xp, readout):
     got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:3])))
     np.testing.assert_allclose(got, spec.cross(x, x[:3]), rtol=1e-10)
     np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "cg"])
+def test_image_store_solves_in_blocks_of_several_tiles(tmp_path, client, method):
+    """An image net's small kernel tiles are grouped into the solvers' blocks (a multiple of the
+    tile nearest the default tile); the factor and the predictions are still exact."""
+    import dask.config
+    from scipy.linalg import cho_factor, cho_solve
+
+    import nngp_dist
+    from nngp_dist import jobs
+    from nngp_dist.predict import targets
+
+    store = str(tmp_path / "cnn.zarr")
+    with dask.config.set({"nngp-dist.tile-size": 23}):  # 8-row tiles -> 3-tile blocks of 24
+        report = jobs.run(store, dataset="demo", arch="conv", depth=1, tile_size=8,
+                          train_size=60, test_size=10, noise=1e-3, method=method,
+                          tol=1e-12, client=client, progress=False)  # fmt: skip
+    ds = nngp_dist.open_store(store)
+    meta = ds.attrs["nngp_dist"]
+    assert (meta["tile_size"], meta["solve_block"]) == (8, 24)
+    g = zarr.open_group(store, mode="r")
+    assert g["alpha"].chunks[0] == 24
+    if method == "cholesky":
+        assert g["chol"].chunks == (24, 24) and g["tiles/chol"].shape == (3, 3)
+    k = ds.k_train_train.values + report["noise_abs"] * np.eye(60)
+    y = ds.y_train.values
+    t = targets(y, int(max(y.max(), ds.y_test.values.max()) + 1))
+    factor = cho_factor(k)
+    kt = ds.k_test_train.values
+    np.testing.assert_allclose(ds["mean"].values, kt @ cho_solve(factor, t), rtol=1e-8, atol=1e-10)
+    var = ds.k_test_diag.values - np.einsum("ij,ji->i", kt, cho_solve(factor, kt.T))
+    np.testing.assert_allclose(ds["variance"].values, np.maximum(var, 0), rtol=1e-6, atol=1e-10)

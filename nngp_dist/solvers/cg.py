@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import workers
-from ..storage import KernelStore
+from ..storage import KernelStore, solve_block
 from ..tiling import span
 
 __all__ = ["PRECONDITIONERS", "StoreSystem", "block_jacobi", "nystrom", "pcg", "store_operator"]
@@ -144,7 +144,7 @@ def _bj_apply(url: str, token: str, t: int, n: int, i: int, r: np.ndarray) -> np
 def store_operator(store: KernelStore, client: Any, noise: float) -> Operator:
     """``v -> (K + s I) v`` with K the stored kernel, one task per block row."""
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     url, token = store.url, workers.store_token(meta)
     nt = math.ceil(n / t)
 
@@ -164,7 +164,7 @@ def store_operator(store: KernelStore, client: Any, noise: float) -> Operator:
 def block_jacobi(store: KernelStore, client: Any, noise: float) -> Operator:
     """The block-Jacobi preconditioner: ``(K_ii + s I)^-1`` on each block, factors in the store."""
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     url, token = store.url, workers.store_token(meta)
     nt = math.ceil(n / t)
     store.group.create_array("cg_blockjacobi", shape=(n, min(t, n)), chunks=(t, min(t, n)),
@@ -211,7 +211,7 @@ def nystrom(store: KernelStore, client: Any, noise: float) -> Operator:
     from scipy.linalg import cho_factor, cho_solve  # noqa: PLC0415
 
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     url, token = store.url, workers.store_token(meta)
     nt, r = math.ceil(n / t), min(t, n)
     store.group.create_array("cg_nystrom", shape=(n, r), chunks=(t, r), dtype="float64",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import workers
-from ..storage import KernelStore, _utcnow
+from ..storage import KernelStore, _utcnow, solve_block
 from ..tiling import span
 
 __all__ = ["NotPositiveDefinite", "factorize"]
@@ -116,7 +116,7 @@ def _prepare(store: KernelStore, noise: float, record: dict) -> None:
     """Create the factor's arrays, or reset them when the recorded noise differs; ``record``
     (the attempt in hand) becomes the store's ``factor`` attribute either way."""
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     nt = math.ceil(n / t)
     rec = meta.get("factor") or {}
     fresh = rec.get("noise") != noise or "chol" not in store.group
@@ -140,7 +140,7 @@ def _prepare(store: KernelStore, noise: float, record: dict) -> None:
 def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, bar: Any) -> None:
     """Submit the missing tile operations in waves of steps; raise what a task raises."""
     meta = store.meta
-    n, t = meta["n_train"], meta["tile_size"]
+    n, t = meta["n_train"], solve_block(meta)
     nt = math.ceil(n / t)
     url, token = store.url, workers.store_token(meta)
     done = ~np.isnan(store.group["tiles/chol"][...])
@@ -227,7 +227,7 @@ def factorize(
 
     meta = store.meta
     mean_diag = float(np.mean(store.group["k_train_diag"][...]))
-    nt = math.ceil(meta["n_train"] / meta["tile_size"])
+    nt = math.ceil(meta["n_train"] / solve_block(meta))
     rec = meta.get("factor") or {}
     if rec.get("noise_requested") == noise and rec.get("noise_rel"):
         # The same request as the recorded factor's: resume at the noise it had escalated to.
