@@ -99,34 +99,34 @@ kernel_options = _options(
     click.option(
         "--depth",
         type=int,
-        default=3,
-        show_default=True,
-        help="Hidden (dense or conv) layers, each followed by the activation.",
+        default=None,
+        show_default="3",
+        help="Hidden (dense or conv) layers, each followed by the activation (not resnet32).",
     ),
     click.option(
-        "--filter-size", type=int, default=3, show_default=True, help="conv: K x K filters."
+        "--filter-size", type=int, default=None, show_default="3", help="conv: K x K filters."
     ),
-    click.option("--stride", type=int, default=1, show_default=True, help="conv: stride."),
-    click.option("--dilation", type=int, default=1, show_default=True, help="conv: dilation."),
+    click.option("--stride", type=int, default=None, show_default="1", help="conv: stride."),
+    click.option("--dilation", type=int, default=None, show_default="1", help="conv: dilation."),
     click.option(
         "--padding",
         type=click.Choice(["same", "valid"]),
-        default="same",
-        show_default=True,
+        default=None,
+        show_default="same",
         help="conv: zero padding.",
     ),
     click.option(
         "--skip-every",
         type=int,
-        default=0,
-        show_default=True,
+        default=None,
+        show_default="0",
         help="conv: a residual connection around every S (activation, conv) pairs (0: none).",
     ),
     click.option(
         "--readout",
         type=click.Choice(["flatten", "gap"]),
-        default="flatten",
-        show_default=True,
+        default=None,
+        show_default="flatten",
         help="conv: dense layer on the flattened features, or after global average pooling.",
     ),
     click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP),
@@ -559,7 +559,7 @@ def status(store: str, as_json: bool) -> None:
     for name, a in st["arrays"].items():
         click.echo(f"  {name:14s} {a['done']:>8d} / {a['total']}")
     click.echo(
-        f"spec:    {spec['arch']} depth {spec['depth']} {spec['activation']['name']} "
+        f"spec:    {spec['arch']}{_depth_and_geometry(spec)} {spec['activation']['name']} "
         f"w_var {spec['weight_var']} b_var {spec['bias_var']} {spec['kernel']}"
     )
     click.echo(
@@ -584,6 +584,17 @@ def status(store: str, as_json: bool) -> None:
         r = st["predict"]
         acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
         click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
+
+
+def _depth_and_geometry(spec: dict) -> str:
+    if spec["arch"] == "resnet32":
+        return ""
+    text = f" depth {spec['depth']}"
+    if spec["arch"] == "conv":
+        text += (f" {spec['filter_size']}x{spec['filter_size']} stride {spec['stride']} "
+                 f"dilation {spec['dilation']} {spec['padding']} skip {spec['skip_every']} "
+                 f"{spec['readout']}")  # fmt: skip
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

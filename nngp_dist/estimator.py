@@ -127,8 +127,11 @@ class NNGPRegressor:
         return self
 
     def _arch(self) -> dict:
-        names = ("arch", "depth", "weight_var", "bias_var", "activation", "kernel", "filter_size",
-                 "stride", "dilation", "padding", "skip_every", "readout")  # fmt: skip
+        names = ["arch", "weight_var", "bias_var", "activation", "kernel"]
+        if self.arch != "resnet32":
+            names.append("depth")
+        if self.arch == "conv":  # the options of the architectures that have them
+            names += ["filter_size", "stride", "dilation", "padding", "skip_every", "readout"]
         return {name: getattr(self, name) for name in names}
 
     def _cluster(self) -> dict:

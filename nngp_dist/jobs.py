@@ -27,17 +27,17 @@ def kernel(
     *,
     dataset: str | datasets.Dataset = "demo",
     arch: str = "fc",
-    depth: int = 3,
+    depth: int | None = None,
     activation: Any = "relu",
     weight_var: float = 1.0,
     bias_var: float = 0.0,
     kernel: str = "nngp",
-    filter_size: int = 3,
-    stride: int = 1,
-    dilation: int = 1,
-    padding: str = "same",
-    skip_every: int = 0,
-    readout: str = "flatten",
+    filter_size: int | None = None,
+    stride: int | None = None,
+    dilation: int | None = None,
+    padding: str | None = None,
+    skip_every: int | None = None,
+    readout: str | None = None,
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -62,9 +62,11 @@ def kernel(
     training kernel (and factor and solution) and gets the new test set's tiles.
 
     Image networks (``arch`` conv or resnet32; ``filter_size``, ``stride``, ``dilation``,
-    ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`) take
-    the images' shape from the dataset, and without ``tile_size`` get one chosen by
-    :func:`~nngp_dist.tiling.image_tile_size`.
+    ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`, whose
+    defaults apply where they are None) take the images' shape from the dataset, and without
+    ``tile_size`` get one chosen by :func:`~nngp_dist.tiling.image_tile_size`. An option the
+    architecture does not have (the conv options with fc, ``depth`` or the conv options with
+    resnet32) is an error, not silently ignored.
 
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
     spec, the store (a store of another spec, dataset or tile size is refused unless
@@ -78,20 +80,19 @@ def kernel(
     ...        train_size=500, test_size=100)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
+    conv_options = {"filter_size": filter_size, "stride": stride, "dilation": dilation,
+                    "padding": padding, "skip_every": skip_every, "readout": readout}  # fmt: skip
+    given = {k: v for k, v in conv_options.items() if v is not None}
+    _check_applicable(arch, depth, given)
     try:
         spec = Spec(
             arch=arch,
-            depth=depth,
             activation=activation,
             weight_var=weight_var,
             bias_var=bias_var,
             kernel=kernel,
-            filter_size=filter_size,
-            stride=stride,
-            dilation=dilation,
-            padding=padding,
-            skip_every=skip_every,
-            readout=readout,
+            **({"depth": depth} if depth is not None else {}),
+            **given,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -418,6 +419,19 @@ def run(
     if scheduler == "synchronous":
         scheduler = None
     return _with_client(go, client, scheduler, workers, memory_limit)
+
+
+def _check_applicable(arch: str, depth: int | None, conv_options: dict) -> None:
+    """Refuse options the architecture does not have, naming them as the CLI spells them."""
+    unused = [] if arch == "conv" else list(conv_options)
+    if arch == "resnet32" and depth is not None:
+        unused.insert(0, "depth")
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
+        raise UserError(f"{flags} {'does' if len(unused) == 1 else 'do'} not apply to "
+                        f"--arch {arch}, which {fixed}: drop {'it' if len(unused) == 1 else 'them'}"
+                        " (or use --arch conv)")  # fmt: skip
 
 
 def check_run(store: str, *, noise: float | None = None, max_noise: float | None = None,

@@ -214,6 +214,8 @@ def test_cli_conv_store_is_tiled_exactly_and_records_the_image_shape(tmp_path):
     np.testing.assert_allclose(np.diag(k), spec.diag(x), rtol=1e-13)
     np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xs, x), rtol=1e-12)
     np.testing.assert_allclose(ds.k_test_diag.values, spec.diag(xs), rtol=1e-12)
+    res = CliRunner().invoke(main, ["status", "--store", str(store)])
+    assert res.exit_code == 0 and "conv depth 2 5x5 stride 2" in res.output, res.output
 
 
 def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
@@ -230,6 +232,9 @@ def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
         (["demo", "--arch", "conv", "--depth", "9", "--padding", "valid", "--filter-size", "5"],
          "does not fit"),
         (["demo", "--arch", "conv", "--stride", "2", "--skip-every", "1"], "projection"),
+        (["demo", "--filter-size", "5"], "--filter-size does not apply to --arch fc"),
+        (["demo", "--readout", "gap", "--padding", "same"], "--padding, --readout do not apply"),
+        (["demo", "--arch", "resnet32", "--depth", "3"], "--depth does not apply"),
     ):  # fmt: skip
         store = tmp_path / "s.zarr"
         res = CliRunner().invoke(main, ["kernel", "--dataset", *extra, "--store", str(store),
