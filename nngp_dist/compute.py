@@ -84,7 +84,7 @@ def run_tile(
 # --- client side ------------------------------------------------------------------------------
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
+def _progress(total: int, initial: int, enabled: bool, desc: str = "kernel") -> Any:
     # tqdm.auto picks a notebook widget in Jupyter (and warns there when ipywidgets is
     # missing, even for a disabled bar): only import it when a bar is wanted.
     if enabled:
@@ -96,7 +96,7 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
         total=total,
         initial=initial,
         unit="tile",
-        desc="kernel",
+        desc=desc,
         disable=not enabled,
         file=sys.stderr,
         dynamic_ncols=True,

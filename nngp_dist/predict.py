@@ -151,8 +151,7 @@ def predict_test(store: KernelStore, *, client: Any, progress: bool = True) -> d
     url, token = store.url, workers.store_token(meta)
     done = ~np.isnan(store.group["tiles/predict"][...])
     todo = [b for b in range(len(done)) if not done[b]]
-    bar = _progress(len(done), int(done.sum()), progress)
-    bar.set_description("predict")
+    bar = _progress(len(done), int(done.sum()), progress, "predict")
     futures = [
         client.submit(
             _predict_block,
@@ -199,8 +198,7 @@ def predict_test_cg(store: KernelStore, *, client: Any, tol: float, maxiter: int
     system = StoreSystem(store, client, meta["solve"]["noise_abs"], cg_log["preconditioner"])
     alpha = np.asarray(g["alpha"][...])
     done = ~np.isnan(g["tiles/predict"][...])
-    bar = _progress(len(done), int(done.sum()), progress)
-    bar.set_description("predict (cg)")
+    bar = _progress(len(done), int(done.sum()), progress, "predict (cg)")
     clamped, unconverged = 0, 0
     try:
         for b in np.flatnonzero(~done):

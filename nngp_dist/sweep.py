@@ -269,8 +269,7 @@ def sweep(
             )  # fmt: skip
             for w, b in todo
         ]
-        bar = _progress(len(specs), len(specs) - len(todo), progress)
-        bar.set_description("sweep")
+        bar = _progress(len(specs), len(specs) - len(todo), progress, "sweep")
         try:
             with open(os.path.join(out, POINTS_FILE), "a+") as f:
                 if f.tell():  # a line cut short by a kill must not swallow the next record

@@ -239,8 +239,7 @@ def factorize(
         s = rel * mean_diag
         _prepare(store, s, {"noise_rel": rel, "noise_requested": noise, "attempts": attempts})
         done = int((~np.isnan(store.group["tiles/chol"][...])).sum())
-        bar = _progress(count_operations(nt), 0, progress)
-        bar.set_description("cholesky")
+        bar = _progress(count_operations(nt), 0, progress, "cholesky")
         try:
             _submit_all(client, store, s, lookahead, bar)
         except NotPositiveDefinite as e:
