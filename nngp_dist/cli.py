@@ -543,18 +543,34 @@ def figures(sizes: str | None, **options: Any) -> None:
 @main.command()
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Also show the detached job on this store (submit --detach) known to this scheduler.",
+)
 @_user_errors
-def status(store: str, as_json: bool) -> None:
+def status(store: str, as_json: bool, scheduler: str | None) -> None:
     """Show a store's progress: tiles done and total, stage, spec, timings."""
     from .storage import KernelStore  # noqa: PLC0415
 
     st = KernelStore.open(store).status()
+    if scheduler:
+        from . import detached  # noqa: PLC0415
+
+        try:
+            st["job"] = detached.job_info(store, scheduler=scheduler)
+        except UserError as e:
+            if "no job was submitted" not in str(e):
+                raise
+            st["job"] = None
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     spec = st["spec"]
     click.echo(f"store:   {st['store']}")
     click.echo(f"stage:   {st['stage']}")
+    if "job" in st:
+        click.echo(f"job:     {_job_line(st['job'])}")
     click.echo(f"tiles:   {st['tiles_done']} / {st['tiles_total']} done")
     for name, a in st["arrays"].items():
         click.echo(f"  {name:14s} {a['done']:>8d} / {a['total']}")
@@ -584,6 +600,18 @@ def status(store: str, as_json: bool) -> None:
         r = st["predict"]
         acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
         click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
+
+
+def _job_line(job: dict | None) -> str:
+    if job is None:
+        return "none submitted to this scheduler"
+    text = f"{job['job']} {job['state']} (submitted {job['submitted']}"
+    if job.get("worker"):
+        text += f", driver pid {job.get('pid')} beside worker {job['worker']}"
+    text += f"; log {job['log']})" if job.get("log") else ")"
+    if job.get("error"):
+        text += f": {job['error']}"
+    return text
 
 
 def _depth_and_geometry(spec: dict) -> str:

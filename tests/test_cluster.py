@@ -70,6 +70,10 @@ def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
     assert info["state"] == "done" and info["accuracy"] == st["predict"]["accuracy"]
     log = open(store + ".job.log").read()
     assert "accuracy" in log
+    shown = cli("status", "--store", store, "--scheduler", address)
+    assert shown.returncode == 0 and f"job:     {info['job']} done" in shown.stdout, shown.stdout
+    assert json.loads(cli("status", "--store", store, "--scheduler", address, "--json")
+                      .stdout)["job"]["state"] == "done"  # fmt: skip
     # A second detached job while none runs is fine; bad input fails at once, nothing started.
     bad = cli("submit", "--detach", "--scheduler", address, "--store", store, *RUN,
               "--train-size", "400", "--test-size", "100", "--noise", "-1")  # fmt: skip
