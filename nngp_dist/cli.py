@@ -557,12 +557,7 @@ def status(store: str, as_json: bool, scheduler: str | None) -> None:
     if scheduler:
         from . import detached  # noqa: PLC0415
 
-        try:
-            st["job"] = detached.job_info(store, scheduler=scheduler)
-        except UserError as e:
-            if "no job was submitted" not in str(e):
-                raise
-            st["job"] = None
+        st["job"] = detached.job_info(store, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

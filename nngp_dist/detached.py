@@ -151,17 +151,15 @@ def _get(var: Any) -> dict | None:
         return None
 
 
-def job_info(store: str, *, scheduler: str | None) -> dict:
-    """The record of the last job submitted on ``store`` to the cluster at ``scheduler``."""
+def job_info(store: str, *, scheduler: str | None) -> dict | None:
+    """The record of the last job submitted on ``store`` to the cluster at ``scheduler``, or
+    None if none was."""
     from distributed import Variable  # noqa: PLC0415
 
     from .cluster import connect  # noqa: PLC0415
 
     with connect(scheduler) as c:
-        rec = _get(Variable(_variable_name(store), client=c))
-    if rec is None:
-        raise UserError(f"no job was submitted on {normalize_url(store)} to this scheduler")
-    return rec
+        return _get(Variable(_variable_name(store), client=c))
 
 
 def cancel(store: str, *, scheduler: str | None) -> dict:

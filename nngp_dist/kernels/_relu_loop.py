@@ -12,8 +12,11 @@ import math
 import numba
 import numpy as np
 
-from .fused import ARCSIN_COEFFICIENTS as C
+from .fused import ARCSIN_COEFFICIENTS
 
+# Horner's rule, highest degree first: P's top coefficient, then the rest as a tuple of
+# constants, over which Numba unrolls the loop.
+_TOP, _HORNER = ARCSIN_COEFFICIENTS[-1], ARCSIN_COEFFICIENTS[-2::-1]
 _PI = math.pi
 _INV_2PI = 1.0 / (2.0 * math.pi)
 
@@ -25,19 +28,9 @@ def _arccos(x: float) -> float:
     small = a <= 0.5
     z = a * a if small else 0.5 - 0.5 * a
     u = a if small else math.sqrt(z)
-    p = C[12]
-    p = p * z + C[11]
-    p = p * z + C[10]
-    p = p * z + C[9]
-    p = p * z + C[8]
-    p = p * z + C[7]
-    p = p * z + C[6]
-    p = p * z + C[5]
-    p = p * z + C[4]
-    p = p * z + C[3]
-    p = p * z + C[2]
-    p = p * z + C[1]
-    p = p * z + C[0]
+    p = _TOP
+    for c in _HORNER:
+        p = p * z + c
     s = u + u * z * p  # arcsin(u)
     if small:
         return 0.5 * _PI - s if x >= 0.0 else 0.5 * _PI + s
