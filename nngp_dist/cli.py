@@ -153,7 +153,7 @@ kernel_options = _options(
         type=int,
         default=None,
         help="Tile edge T [default: nngp-dist.tile-size, 2000; image networks on CPUs: "
-        "about a minute of work per tile].",
+        "chosen from the work per pair].",
     ),
     click.option(
         "--dtype",

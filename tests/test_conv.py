@@ -131,12 +131,60 @@ def test_blocked_equals_unblocked_and_depths_from_one_pass(monkeypatch, readout)
     spec = Spec(arch="conv", depth=3, weight_var=1.5, bias_var=0.1, image_shape=(5, 5, 3),
                 readout=readout, kernel="ntk")  # fmt: skip
     whole = spec.cross(x, y, depths=[0, 1, 3])
+    monkeypatch.setattr(spec_module.fused, "applies", lambda spec: False)  # layer by layer
     monkeypatch.setitem(spec_module.CONV_BLOCK_ENTRIES, "numpy", 1)  # one pair per block
     np.testing.assert_allclose(spec.cross(x, y, depths=[0, 1, 3]), whole, rtol=1e-13)
     for k, depth in enumerate([0, 1, 3]):
         single = Spec(arch="conv", depth=depth, weight_var=1.5, bias_var=0.1,
                       image_shape=(5, 5, 3), readout=readout, kernel="ntk")  # fmt: skip
         np.testing.assert_allclose(single.cross(x, y), whole[k], rtol=1e-12)
+
+
+GEOMETRIES = {
+    "3x3-same": {"filter_size": 3},
+    "3x3-valid": {"filter_size": 3, "padding": "valid"},
+    "3x3-same-stride-2": {"filter_size": 3, "stride": 2},
+    "2x2-valid-dilation-2": {"filter_size": 2, "dilation": 2, "padding": "valid"},
+    "2x2-valid-stride-2": {"filter_size": 2, "stride": 2, "padding": "valid"},
+    "5x5-same-dilation-2": {"filter_size": 5, "dilation": 2},
+}
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_compiled_conv_loop_equals_layer_by_layer(monkeypatch, geometry, kind):
+    """The compiled ConvNet loop (kernels.fused) against the layer-by-layer recursion, for
+    each padding, stride and dilation, ReLU and leaky ReLU, with and without biases, at several
+    depths from one pass, on pairs that are random, identical, negated, and zero images."""
+    import nngp_dist.kernels.spec as spec_module
+
+    rng = np.random.default_rng(13)
+    x1 = rng.standard_normal((6, 13 * 12 * 2))
+    x2 = np.concatenate([x1[:2], -x1[2:3], rng.standard_normal((4, x1.shape[1]))])
+    x1[-1] = 0.0
+    for activation, b_var in (("relu", 0.0), ("leaky_relu:0.2", 0.1)):
+        spec = Spec(arch="conv", depth=3, weight_var=1.7, bias_var=b_var, activation=activation,
+                    kernel=kind, image_shape=(13, 12, 2), **GEOMETRIES[geometry])  # fmt: skip
+        assert spec_module.fused.applies(spec)
+        got = spec.cross(x1, x2, depths=[0, 1, 3])
+        with monkeypatch.context() as m:
+            m.setattr(spec_module.fused, "applies", lambda spec: False)
+            want = spec.cross(x1, x2, depths=[0, 1, 3])
+        # Identical and negated images too: both forms keep rho exactly +-1 at every pixel
+        # there (an NTK rounding rho would be off by ~1e-8 through arccos).
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_conv_loop_only_where_it_applies():
+    from nngp_dist.kernels import fused
+
+    conv = {"arch": "conv", "image_shape": (6, 6, 1)}
+    assert fused.applies(Spec(**conv))
+    assert fused.applies(Spec(**conv, depth=1, skip_every=1))  # no residual block at depth 1
+    assert not fused.applies(Spec(**conv, skip_every=1))
+    assert not fused.applies(Spec(**conv, readout="gap"))
+    assert not fused.applies(Spec(**conv, activation="erf"))
+    assert not fused.applies(Spec(arch="resnet32", image_shape=(8, 8, 1)))
 
 
 def test_resnet32_preset_shape_and_symmetry():

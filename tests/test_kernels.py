@@ -177,9 +177,10 @@ def test_compiled_loop_equals_layer_by_layer(monkeypatch, activation, kind):
         np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
 
 
-def test_compiled_loop_only_for_dense_relu():
+def test_compiled_loop_only_for_relu():
+    assert kernels.fused.applies(Spec(activation="leaky_relu:0.1"))
     assert not kernels.fused.applies(Spec(activation="erf"))
-    assert not kernels.fused.applies(Spec(arch="conv", image_shape=(4, 4, 1)))
+    assert not kernels.fused.applies(Spec(activation="tanh"))
 
 
 def test_spec_round_trips_and_hash_is_canonical():
