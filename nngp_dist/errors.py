@@ -1,7 +1,18 @@
 """Errors a user can act on. The CLI prints them without a traceback and exits non-zero."""
 
-__all__ = ["UserError"]
+__all__ = ["StoreMismatch", "UserError"]
 
 
 class UserError(ValueError):
     """Bad input, a mismatched store, an unreachable scheduler: the message says what to do."""
+
+
+class StoreMismatch(UserError):
+    """A store made by a different run (spec, data or tile size); nothing was changed.
+
+    ``differences`` lists them, one line each, for callers that phrase their own remedy.
+    """
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets, jobs
-from .errors import UserError
+from .errors import StoreMismatch, UserError
 from .storage import KernelStore
 
 __all__ = ["NNGPClassifier", "NNGPRegressor"]
@@ -113,9 +113,17 @@ class NNGPRegressor:
         else:
             url = self.store
         run = self._cluster()
-        jobs.kernel(url, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
-                    replace_test=True, progress=self.progress, **self._arch(),
-                    **run)  # fmt: skip
+        try:
+            jobs.kernel(url, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
+                        replace_test=True, progress=self.progress, **self._arch(),
+                        **run)  # fmt: skip
+        except StoreMismatch as e:
+            raise UserError(
+                f"store={url!r} holds the kernel of a different run:\n"
+                + "\n".join(e.differences)
+                + "\nNothing was changed. Pass another store (or none, for a temporary one); "
+                "an estimator never overwrites a store."
+            ) from None
         self.solve_ = jobs.solve(url, noise=self.noise, max_noise=self.max_noise,
                                  method=self.method, progress=self.progress,
                                  **run)  # fmt: skip

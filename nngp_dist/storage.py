@@ -44,7 +44,7 @@ from zarr.codecs import BloscCodec
 
 from . import __version__
 from .datasets import Dataset
-from .errors import UserError
+from .errors import StoreMismatch, UserError
 from .kernels import Spec
 from .tiling import TilePlan, solve_block_size
 
@@ -204,10 +204,11 @@ class KernelStore:
             lines = [
                 f"  {k}: store has {_show(old, k)}, this run has {_show(meta, k)}" for k in diffs
             ]
-            raise UserError(
+            raise StoreMismatch(
                 f"the store at {url} was made by a different run:\n"
                 + "\n".join(lines)
-                + "\nNothing was changed. Use another --store, or --overwrite to start over."
+                + "\nNothing was changed. Use another --store, or --overwrite to start over.",
+                lines,
             )
         return "resume"
 

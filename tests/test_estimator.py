@@ -51,8 +51,10 @@ def test_regressor_matches_scipy_and_reuses_the_training_kernel(tmp_path, data, 
     assert est.score(xs, ref_mean[:, 0]) == pytest.approx(1.0)
     # Refit on the same data resumes the named store; other data there is refused.
     est.fit(x, t)
-    with pytest.raises(UserError, match="different run"):
+    with pytest.raises(UserError, match="different run") as err:
         NNGPRegressor(store=store, client=client, **ARCH).fit(x[:100], t[:100])
+    assert "fingerprint" in str(err.value) and "another store" in str(err.value)
+    assert "--" not in str(err.value)  # no command-line flags in a Python API's message
 
 
 def test_classifier_labels_scores_and_params(data, client):

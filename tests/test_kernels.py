@@ -1,6 +1,9 @@
 """Kernel mathematics against independent oracles (tests/reference.py)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,6 +178,25 @@ def test_compiled_loop_equals_layer_by_layer(monkeypatch, activation, kind):
         np.testing.assert_allclose(got[:, ~edge], want[:, ~edge], rtol=1e-12, atol=1e-15)
         tol = (1e-7 if kind == "ntk" else 1e-13) * np.abs(want).max()
         np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
+
+
+def test_compiled_loops_load_where_the_install_and_home_are_read_only(tmp_path):
+    """Numba refuses to cache (and so to load) the loops where neither the package folder nor
+    the user's cache folder is writable; the loops then cache in the temporary directory."""
+    script = (
+        "import numba.core.caching as c, numpy as np\n"
+        "for cls in (c.InTreeCacheLocator, c.UserWideCacheLocator):\n"
+        "    cls.from_function = classmethod(lambda cls, f, p: None)  # neither writable\n"
+        "from nngp_dist.kernels import Spec, fused\n"
+        "x = np.random.default_rng(0).random((3, 5))\n"
+        "print(Spec(depth=2).cross(x, x)[0, 1], fused._loops().__name__)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[1].endswith("_relu_loop")
+    assert list(tmp_path.glob("nngp-dist-numba-*/*/*.nbi"))  # cached there
 
 
 def test_compiled_loop_only_for_relu():

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -70,8 +72,24 @@ def applies(spec: Any) -> bool:
 
 @functools.cache
 def _loops() -> Any:
-    # numba is imported on first use: the CLI and the client never pay for it.
-    from . import _relu_loop  # noqa: PLC0415
+    """The compiled loops' module. numba is imported on first use: the CLI and the client
+    never pay for it.
+
+    Numba caches the machine code beside the package or in ``~/.cache/numba``, and refuses
+    to load the module when neither is writable (a read-only install on a worker with a
+    read-only home, as in containers with a read-only root). Then the cache goes to a folder of
+    this user's in the temporary directory, so each process compiles at most once per machine.
+    """
+    import numba  # noqa: PLC0415
+
+    try:
+        from . import _relu_loop  # noqa: PLC0415
+    except RuntimeError as e:
+        if "cannot cache" not in str(e) or numba.config.CACHE_DIR:
+            raise
+        uid = os.getuid() if hasattr(os, "getuid") else "user"  # a uid may have no name
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"nngp-dist-numba-{uid}")
+        from . import _relu_loop  # noqa: PLC0415
 
     return _relu_loop
 
