@@ -415,9 +415,13 @@ def _report(r: dict) -> None:
         + (f"{lml:.6g}" if lml is not None else "n/a (CG computes no log-determinant)")
     )
     click.echo(f"noise:     {r['noise']:g} (relative), {r['n_train']} train, {r['n_test']} test")
+    scale = r.get("output_scale")
+    if scale is not None:
+        click.echo(f"output scale: {scale:.6g} (the prior's scale, by maximum likelihood)")
     if r["variance_clamped"]:
         click.echo(f"warning: {r['variance_clamped']} negative variances clamped to zero", err=True)
-    click.echo("calibration (test points binned by predicted variance):")
+    what = "scale x (variance + noise)" if scale is not None else "variance"
+    click.echo(f"calibration (test points binned by predictive variance, {what}):")
     click.echo("  mean variance    realised mse    count")
     for b in r["calibration"]:
         click.echo(f"  {b['mean_variance']:13.6g}  {b['mse']:14.6g}  {b['count']:7d}")

@@ -1,6 +1,6 @@
 """Figures from a finished store (and a sweep): PNGs made with matplotlib's Agg backend.
 
-* ``calibration.png``: predicted variance against realised squared error, per bin of test points
+* ``calibration.png``: predictive variance against realised squared error, per bin of test points
   sorted by predicted variance (Lee et al. 2018, figure 4); a calibrated GP lies on the diagonal.
 * ``kernel.png``: the kernel of a sample of training points sorted by class, as correlations
   k(x, x') / sqrt(k(x, x) k(x', x')).
@@ -124,7 +124,7 @@ def _calibration_png(store: KernelStore, path: str, bins: int) -> str:
     lo, hi = min(v.min(), e.min()), max(v.max(), e.max())
     ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="calibrated")
     ax.plot(v, e, "o-", label=f"{len(cal)} bins of test points")
-    ax.set_xlabel("mean predicted variance")
+    ax.set_xlabel("mean predictive variance (fitted output scale)")
     ax.set_ylabel("realised mean squared error")
     ax.set_title("Calibration")
     ax.legend()

@@ -249,14 +249,15 @@ def solve(
             factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
         except NotPositiveDefinite as e:
             raise UserError(str(e)) from None
-        lml = solve_alpha(ks, client=c)["log_marginal_likelihood"]
+        solution = solve_alpha(ks, client=c)
         record = {
             "method": method,
             "noise": factor["noise_rel"],
             "noise_abs": factor["noise"],
             "noise_requested": noise,
             "attempts": factor["attempts"],
-            "log_marginal_likelihood": lml,
+            "log_marginal_likelihood": solution["log_marginal_likelihood"],
+            "output_scale": solution["output_scale"],
             "selection": selection,
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -272,6 +273,7 @@ def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: f
               selection: dict | None) -> dict:  # fmt: skip
     import warnings  # noqa: PLC0415
 
+    from .predict import output_scale  # noqa: PLC0415
     from .solvers import cg  # noqa: PLC0415
 
     mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
@@ -297,6 +299,7 @@ def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: f
         "noise_abs": s,
         "noise_requested": noise,
         "log_marginal_likelihood": None,
+        "output_scale": output_scale(t_train, alpha),
         "cg": {**log, "maxiter": maxiter},
         "selection": selection,
         "seconds": round(time.perf_counter() - start, 3),
@@ -321,9 +324,11 @@ def predict(
     """Posterior means and variances of the test points, metrics; optionally a JSON report.
 
     The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
-    ``calibration`` (test points binned by predicted variance), ``noise``, ``n_train``,
-    ``n_test``, ``variance_clamped`` and ``seconds`` per stage. With ``score=False`` (test
-    points without labels) the three scores against the test labels are left out.
+    ``output_scale`` (the prior's scale fitted by maximum likelihood), ``calibration`` (test
+    points binned by predictive variance, ``output_scale * (variance + noise_abs)``),
+    ``noise``, ``n_train``, ``n_test``, ``variance_clamped`` and ``seconds`` per stage. With
+    ``score=False`` (test points without labels) the three scores against the test labels are
+    left out.
     """
     from .predict import metrics, predict_block_size, predict_test, predict_test_cg  # noqa: PLC0415
 
@@ -361,6 +366,7 @@ def predict(
         report = {
             **(metrics(ks, bins=bins) if score else {}),
             "log_marginal_likelihood": meta["solve"]["log_marginal_likelihood"],
+            "output_scale": meta["solve"].get("output_scale"),
             "noise": meta["solve"]["noise"],
             "noise_abs": meta["solve"]["noise_abs"],
             "n_train": meta["n_train"],

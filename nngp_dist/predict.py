@@ -138,7 +138,14 @@ def solve_alpha(store: KernelStore, *, client: Any) -> dict:
     key = workers.task_key(url, token, "alpha")
     parts = client.submit(_solve_alpha, url, token, t, n, key=key, pure=False).result()
     lml = -0.5 * parts["quad"] - c * parts["logdet_half"] - 0.5 * c * n * math.log(2 * math.pi)
-    return {"log_marginal_likelihood": lml}
+    return {"log_marginal_likelihood": lml, "output_scale": parts["quad"] / (n * c)}
+
+
+def output_scale(t_train: np.ndarray, alpha: np.ndarray) -> float:
+    """The maximum-likelihood scale ``s2`` of the prior, for targets ``T ~ N(0, s2 (K + s I))``
+    column by column: ``tr(T' (K + s I)^-1 T) / (N C)``. The noise is relative to the kernel,
+    so scaling the prior leaves the posterior mean unchanged and scales the variances."""
+    return float((t_train * alpha).sum() / t_train.size)
 
 
 def predict_test(store: KernelStore, *, client: Any, progress: bool = True) -> dict:
@@ -233,15 +240,26 @@ def calibration(variance: np.ndarray, sq_error: np.ndarray, bins: int = 10) -> l
     return out
 
 
+def predictive_variance(store: KernelStore) -> np.ndarray:
+    """The test targets' predictive variance, ``s2 (variance + noise)``, with the prior's
+    scale ``s2`` fitted by maximum likelihood when the store was solved (the solve record's
+    ``output_scale``; stores solved before it was recorded give the stored variance)."""
+    solved = store.meta["solve"]
+    var = np.asarray(store.group["variance"][...])
+    scale = solved.get("output_scale")
+    return var if scale is None else scale * (var + solved["noise_abs"])
+
+
 def metrics(store: KernelStore, bins: int = 10) -> dict:
-    """Accuracy (classification), MSE and the calibration table from the stored posterior."""
+    """Accuracy (classification), MSE and the calibration table from the stored posterior:
+    test points binned by predictive variance (:func:`predictive_variance`)."""
     g = store.group
     mean = np.asarray(g["mean"][...])
-    var = np.asarray(g["variance"][...])
     y = np.asarray(g["y_test"][...])
     truth = targets(y, mean.shape[1]) if y.dtype.kind in "iu" else y.reshape(len(y), -1)
     sq = ((mean - truth) ** 2).mean(axis=1)
-    out = {"mse": float(sq.mean()), "calibration": calibration(var, sq, bins)}
+    cal = calibration(predictive_variance(store), sq, bins)
+    out = {"mse": float(sq.mean()), "calibration": cal}
     if y.dtype.kind in "iu":
         out["accuracy"] = float((mean.argmax(axis=1) == y).mean())
     return out

@@ -97,6 +97,32 @@ def test_seeded_spd_matrix_regression_targets(tmp_path, client):
     check_against_scipy(store, 1e-6, report)
 
 
+@pytest.mark.parametrize("method", ["cholesky", "cg"])
+def test_output_scale_and_calibration_on_draws_from_the_prior(tmp_path, client, method):
+    """Targets drawn from the GP prior scaled by s2 = 3.7, noise included: the fitted output
+    scale recovers s2, and the predictive variances match the realised squared errors (a Monte
+    Carlo average over 400 output columns). The unscaled variances would be off 3.7x."""
+    from nngp_dist.kernels import Spec
+
+    rng = np.random.default_rng(21)
+    n, m, c, s2, noise = 120, 60, 400, 3.7, 1e-2
+    arch = {"depth": 2, "weight_var": 1.6, "bias_var": 0.2}
+    x = rng.standard_normal((n + m, 10))
+    k = Spec(**arch).cross(x, x)
+    s = noise * np.diag(k)[:n].mean()
+    y = np.linalg.cholesky(s2 * (k + s * np.eye(n + m))) @ rng.standard_normal((n + m, c))
+    np.savez(tmp_path / "d.npz", x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:])
+    store = str(tmp_path / "k.zarr")
+    jobs.kernel(store, dataset=f"npz:{tmp_path / 'd.npz'}", tile_size=32, client=client,
+                progress=False, **arch)  # fmt: skip
+    solved = jobs.solve(store, noise=noise, method=method, client=client, progress=False)
+    assert solved["output_scale"] == pytest.approx(s2, rel=0.05)  # sd sqrt(2 / (n c)) = 1%
+    report = jobs.predict(store, bins=4, client=client, progress=False)
+    assert report["output_scale"] == solved["output_scale"]
+    for b in report["calibration"]:  # 15 test points x 400 columns per bin: sd about 2%
+        assert b["mse"] == pytest.approx(b["mean_variance"], rel=0.1)
+
+
 def test_jitter_escalates_on_a_rank_deficient_kernel(tmp_path, client):
     # A linear kernel of 10-dimensional inputs has rank 11 < N: singular without noise.
     rng = np.random.default_rng(6)
