@@ -114,10 +114,12 @@ def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, out):  # noqa: A
 
 
 @numba.njit(inline="always")
-def _box(src, hin, win, lo_h, lo_w, pad, rowsum, hout, wout, k, s, d, scale, shift, dst):  # noqa: ANN001, PLR0913
+def _box(src, geo, pad, rowsum, k, s, d, scale, shift, dst):  # noqa: ANN001, PLR0913
     """``dst = shift + scale * (sum over the k x k taps of src)``: one conv layer's patch sum
-    on a flat (hin, win) map, through ``pad``, whose border is zero and stays so (only the
-    interior is written), and ``rowsum``: along each row first, then down the columns."""
+    on a flat map, with ``geo`` the layer's (H in, W in, H out, W out, zeros before along H,
+    along W). Through ``pad``, whose border is zero and stays so (only the interior is
+    written), and ``rowsum``: along each row first, then down the columns."""
+    hin, win, hout, wout, lo_h, lo_w = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
     for h in range(hin):
         for x in range(win):
             pad[lo_h + h, lo_w + x] = src[h * win + x]
@@ -138,11 +140,23 @@ def _box(src, hin, win, lo_h, lo_w, pad, rowsum, hout, wout, k, s, d, scale, shi
             dst[row + x] = shift + scale * dst[row + x]
 
 
+@numba.njit(inline="always")
+def _pixel_covariance(x1, i, x2, j, out):  # noqa: ANN001
+    """``out[p] = <x1[i, p], x2[j, p]> / channels``: the same arithmetic for a pair and for an
+    image with itself, so an image paired with itself starts exactly at its variance map."""
+    channels = x1.shape[2]
+    for p in range(x1.shape[1]):
+        acc = 0.0
+        for ch in range(channels):
+            acc += x1[i, p, ch] * x2[j, p, ch]
+        out[p] = acc / channels
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _conv_variances(x, geo, k, s, d, w, b, shrink, pads, rowsum):  # noqa: ANN001, PLR0913
     """Each image's pre-activation variance per layer and pixel, and its inverse square root
     (inf where it is zero): the diagonal recursion, ``v -> b + w patch-mean(shrink v)``."""
-    n, hw0, channels = x.shape
+    n, hw0 = x.shape[0], x.shape[1]
     depth = geo.shape[0]
     var = np.zeros((n, max(depth, 1), hw0))
     inv = np.zeros((n, max(depth, 1), hw0))
@@ -150,16 +164,10 @@ def _conv_variances(x, geo, k, s, d, w, b, shrink, pads, rowsum):  # noqa: ANN00
     q = np.empty(hw0)
     scale = w / (k * k)
     for i in range(n):
-        for p in range(hw0):
-            acc = 0.0
-            for ch in range(channels):
-                acc += x[i, p, ch] * x[i, p, ch]
-            v[p] = acc / channels
+        _pixel_covariance(x, i, x, i, v)
         for layer in range(depth):
-            hin, win, hout, wout = geo[layer, 0], geo[layer, 1], geo[layer, 2], geo[layer, 3]
-            lo_h, lo_w = geo[layer, 4], geo[layer, 5]
-            _box(v, hin, win, lo_h, lo_w, pads[layer], rowsum, hout, wout, k, s, d, scale, b, q)
-            for p in range(hout * wout):
+            _box(v, geo[layer], pads[layer], rowsum, k, s, d, scale, b, q)
+            for p in range(geo[layer, 2] * geo[layer, 3]):
                 var[i, layer, p] = q[p]
                 inv[i, layer, p] = 1.0 / math.sqrt(q[p]) if q[p] > 0.0 else math.inf
                 v[p] = shrink * q[p]
@@ -177,7 +185,7 @@ def conv_relu_pairs(x1, x2, geo, k, s, d, w, b, alpha, ntk, slots, pads, rowsum,
     along H, along W); ``pads[l]`` its zero-bordered scratch. ``out[slots[l], i, j]`` receives
     the kernel after ``l`` (conv, activation) pairs where ``slots[l] >= 0``.
     """
-    n1, hw0, channels = x1.shape
+    n1, hw0 = x1.shape[0], x1.shape[1]
     n2 = x2.shape[0]
     depth = geo.shape[0]
     c = (1.0 - alpha) ** 2
@@ -191,27 +199,19 @@ def conv_relu_pairs(x1, x2, geo, k, s, d, w, b, alpha, ntk, slots, pads, rowsum,
     tnew = np.empty(hw0)
     for i in range(n1):
         for j in range(n2):
-            for p in range(hw0):
-                acc = 0.0
-                for ch in range(channels):
-                    acc += x1[i, p, ch] * x2[j, p, ch]
-                kmap[p] = acc / channels
+            _pixel_covariance(x1, i, x2, j, kmap)
             size = hw0
             if slots[0] >= 0:  # the readout of the inputs; the NTK is the NNGP there
                 out[slots[0], i, j] = b + w * (kmap[:size].sum() / size)
             for layer in range(depth):
-                hin, win, hout, wout = geo[layer, 0], geo[layer, 1], geo[layer, 2], geo[layer, 3]
-                lo_h, lo_w = geo[layer, 4], geo[layer, 5]
-                _box(kmap, hin, win, lo_h, lo_w, pads[layer], rowsum, hout, wout, k, s, d,
-                     scale, b, knew)  # fmt: skip
-                size = hout * wout
+                _box(kmap, geo[layer], pads[layer], rowsum, k, s, d, scale, b, knew)
+                size = geo[layer, 2] * geo[layer, 3]
                 if ntk:
                     if layer == 0:  # the inputs' NTK is zero
                         for p in range(size):
                             tnew[p] = knew[p]
                     else:
-                        _box(tmap, hin, win, lo_h, lo_w, pads[layer], rowsum, hout, wout, k, s,
-                             d, scale, 0.0, tnew)  # fmt: skip
+                        _box(tmap, geo[layer], pads[layer], rowsum, k, s, d, scale, 0.0, tnew)
                         for p in range(size):
                             tnew[p] += knew[p]
                 for p in range(size):
