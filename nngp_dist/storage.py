@@ -18,6 +18,8 @@ array                     shape               chunks        contents
                                                             the seconds its task took
 ========================  ==================  ============  =====================================
 
+Chunk edges are capped at the array's extent (a test set of M < T rows: (M, T) chunks).
+
 Root attributes, under ``nngp_dist``: ``layout`` (this layout's version), ``version`` (of the
 package that created the store), ``spec`` and ``spec_hash`` (the canonical architecture),
 ``dataset``, ``fingerprint`` (SHA-256 of the inputs), ``train_fingerprint`` (of the training
@@ -384,13 +386,24 @@ class KernelStore:
         self.group.attrs["nngp_dist"] = meta
 
 
+def _chunks(shape: tuple[int, ...], t: int) -> tuple[int, ...]:
+    """Chunks of edge ``t``, capped at the array's extent.
+
+    Zarr stores every chunk at its full shape, padding a ragged one with the fill value, so a
+    test set of 10 rows in (T, T) chunks would write T / 10 times the bytes it holds (and on a
+    fresh page cache those bytes cost as much CPU as the tile's kernel). Capping changes no
+    tile's index: a dimension shorter than T has one tile either way.
+    """
+    return tuple(max(1, min(t, s)) for s in shape)
+
+
 def _create_inputs(root: zarr.Group, data: Dataset, names: tuple[str, ...], t: int) -> None:
     for name in names:
         a = getattr(data, name)
         arr = root.create_array(
             name,
             shape=a.shape,
-            chunks=(t,) + a.shape[1:],
+            chunks=_chunks(a.shape[:1], t) + a.shape[1:],
             dtype=a.dtype,
             dimension_names=DIMS[name][: a.ndim] + ("target",) * (a.ndim - len(DIMS[name])),
             compressors=COMPRESSORS,
@@ -405,7 +418,7 @@ def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[st
               "k_test_diag": (m,)}  # fmt: skip
     for name in names:
         shape = shapes[name]
-        root.create_array(name, shape=shape, chunks=(t,) * len(shape), dtype=dtype,
+        root.create_array(name, shape=shape, chunks=_chunks(shape, t), dtype=dtype,
                           fill_value=np.nan, dimension_names=DIMS[name],
                           compressors=COMPRESSORS)  # fmt: skip
         grid = plan.grid(name)

@@ -59,6 +59,13 @@ def test_layout_is_readable_with_plain_zarr(tmp_path, small_npz):
     assert np.isfinite(upper).all() and np.isnan(lower).all()  # lower tiles never written
     assert g["x_train"].shape == (37, 15) and g["y_test"].shape == (11,)
     assert np.isnan(g["tiles/k_train_train"][1, 0]) and g["tiles/k_train_train"][0, 1] > 0
+    # chunk edges are capped at the extent: 11 test rows are one (11, T) row of chunks
+    assert g["k_test_train"].chunks == (8, 8)
+    run(tmp_path / "t16.zarr", small_npz, tile_size=16)
+    g16 = zarr.open_group(str(tmp_path / "t16.zarr"), mode="r")
+    assert g16["k_test_train"].chunks == (11, 16) and g16["k_test_diag"].chunks == (11,)
+    assert g16["x_test"].chunks == (11, 15) and g16["k_train_train"].chunks == (16, 16)
+    assert np.isfinite(g16["k_test_train"][...]).all()
     spec, x, _ = untiled(small_npz)
     np.testing.assert_allclose(upper, spec.cross(x[:8], x[8:16]), rtol=1e-6)
 
