@@ -175,16 +175,55 @@ def test_compiled_conv_loop_equals_layer_by_layer(monkeypatch, geometry, kind):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
+RESIDUAL = {
+    "skip-1-leaky": {"depth": 3, "skip_every": 1, "activation": "leaky_relu:0.2"},
+    "skip-2-partial-block": {"depth": 4, "skip_every": 2},  # 3 pairs: a block of 2, then 1
+    "resnet32": {"arch": "resnet32"},
+}
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("net", sorted(RESIDUAL))
+def test_compiled_loop_runs_residual_nets_and_resnet32(monkeypatch, net, kind):
+    """The compiled loop's program for residual nets (identity and 1x1 projection shortcuts,
+    strided stages, a trailing partial block) against the layer-by-layer recursion on distinct
+    images, and against the diagonal recursion on an image paired with itself."""
+    import nngp_dist.kernels.spec as spec_module
+
+    rng = np.random.default_rng(17)
+    x1 = rng.standard_normal((4, 8 * 8 * 2))
+    x2 = np.concatenate([x1[:1], -x1[1:2], rng.standard_normal((3, x1.shape[1]))])
+    x1[-1] = 0.0
+    kw = {"arch": "conv", "weight_var": 1.6, "bias_var": 0.1, "kernel": kind,
+          "image_shape": (8, 8, 2), **RESIDUAL[net]}  # fmt: skip
+    spec = Spec(**kw)
+    with monkeypatch.context() as m:
+        m.setattr(spec_module.fused, "applies", lambda spec: False)
+        want = spec.cross(x1, x2)
+    assert spec_module.fused.applies(spec)
+    got = spec.cross(x1, x2)
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-12, atol=1e-15)
+    # Image 0 with itself: the layer-by-layer cross form drifts from rho = 1 by rounding in
+    # residual nets (~1e-10 in the NTK); the compiled loop keeps rho = 1 exactly, as the
+    # diagonal recursion does.
+    np.testing.assert_allclose(got[0, 0], spec.diag(x1[:1])[0], rtol=1e-14)
+    np.testing.assert_allclose(got[0, 0], want[0, 0], rtol=1e-9)
+
+
 def test_compiled_conv_loop_only_where_it_applies():
     from nngp_dist.kernels import fused
 
     conv = {"arch": "conv", "image_shape": (6, 6, 1)}
     assert fused.applies(Spec(**conv))
-    assert fused.applies(Spec(**conv, depth=1, skip_every=1))  # no residual block at depth 1
-    assert not fused.applies(Spec(**conv, skip_every=1))
+    assert fused.applies(Spec(**conv, depth=1, skip_every=1))
+    assert fused.applies(Spec(**conv, skip_every=1))
+    assert fused.applies(Spec(arch="resnet32", image_shape=(8, 8, 1)))
     assert not fused.applies(Spec(**conv, readout="gap"))
     assert not fused.applies(Spec(**conv, activation="erf"))
-    assert not fused.applies(Spec(arch="resnet32", image_shape=(8, 8, 1)))
+    # both paths refuse a strided residual block without a projection shortcut
+    strided = Spec(**conv, depth=3, skip_every=2, stride=2)
+    with pytest.raises(ValueError, match="needs a projection shortcut"):
+        strided.cross(np.ones((1, 36)), np.ones((1, 36)))
 
 
 def test_resnet32_preset_shape_and_symmetry():

@@ -113,17 +113,24 @@ def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, out):  # noqa: A
             q1 = w * (shrink * q1) + b
 
 
+# The conv program's operations (rows of ``ops``: code, a, b, dst, geometry, var, size, flag;
+# built by :func:`.fused.conv_program`).
+CONV, RELU, ADD, TAP = 0, 1, 2, 3
+
+
 @numba.njit(inline="always")
-def _box(src, geo, pad, rowsum, k, s, d, scale, shift, dst):  # noqa: ANN001, PLR0913
+def _box(src, geo, pad, rowsum, scale, shift, dst):  # noqa: ANN001, PLR0913
     """``dst = shift + scale * (sum over the k x k taps of src)``: one conv layer's patch sum
     on a flat map, with ``geo`` the layer's (H in, W in, H out, W out, zeros before along H,
-    along W). Through ``pad``, whose border is zero and stays so (only the interior is
-    written), and ``rowsum``: along each row first, then down the columns."""
+    along W, filter size, stride, dilation). Through ``pad``, whose border is zero and stays
+    so (only the interior is written), and ``rowsum``: along each row first, then down the
+    columns."""
     hin, win, hout, wout, lo_h, lo_w = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    k, s, d = geo[6], geo[7], geo[8]
     for h in range(hin):
         for x in range(win):
             pad[lo_h + h, lo_w + x] = src[h * win + x]
-    for h in range(pad.shape[0]):
+    for h in range((hout - 1) * s + (k - 1) * d + 1):
         for x in range(wout):
             rowsum[h, x] = 0.0
         for t in range(k):
@@ -153,74 +160,95 @@ def _pixel_covariance(x1, i, x2, j, out):  # noqa: ANN001
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _conv_variances(x, geo, k, s, d, w, b, shrink, pads, rowsum):  # noqa: ANN001, PLR0913
-    """Each image's pre-activation variance per layer and pixel, and its inverse square root
-    (inf where it is zero): the diagonal recursion, ``v -> b + w patch-mean(shrink v)``."""
-    n, hw0 = x.shape[0], x.shape[1]
-    depth = geo.shape[0]
-    var = np.zeros((n, max(depth, 1), hw0))
-    inv = np.zeros((n, max(depth, 1), hw0))
-    v = np.empty(hw0)
-    q = np.empty(hw0)
-    scale = w / (k * k)
+def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):  # noqa: ANN001, PLR0913
+    """Each image's pre-activation variance map before each activation of the program, and
+    its inverse square root (inf where it is zero), flat at ``offsets[var]``: the diagonal
+    recursion, in which an activation maps a variance ``v`` to ``shrink v``."""
+    n = x.shape[0]
+    var = np.zeros((n, offsets[-1]))
+    inv = np.zeros((n, offsets[-1]))
     for i in range(n):
-        _pixel_covariance(x, i, x, i, v)
-        for layer in range(depth):
-            _box(v, geo[layer], pads[layer], rowsum, k, s, d, scale, b, q)
-            for p in range(geo[layer, 2] * geo[layer, 3]):
-                var[i, layer, p] = q[p]
-                inv[i, layer, p] = 1.0 / math.sqrt(q[p]) if q[p] > 0.0 else math.inf
-                v[p] = shrink * q[p]
+        _pixel_covariance(x, i, x, i, maps[0])
+        for op in range(ops.shape[0]):
+            code, a, bb, dst, g, v, size = (ops[op, 0], ops[op, 1], ops[op, 2], ops[op, 3],
+                                            ops[op, 4], ops[op, 5], ops[op, 6])  # fmt: skip
+            src, out = maps[a], maps[dst]
+            if code == CONV:
+                k = geos[g, 6]
+                _box(src, geos[g], pads[g], rowsum, w / (k * k), b, out)
+            elif code == RELU:
+                o = offsets[v]
+                for p in range(size):
+                    var[i, o + p] = src[p]
+                    inv[i, o + p] = 1.0 / math.sqrt(src[p]) if src[p] > 0.0 else math.inf
+                    out[p] = shrink * src[p]
+            elif code == ADD:
+                other = maps[bb]
+                for p in range(size):
+                    out[p] = src[p] + other[p]
     return var, inv
 
 
 @numba.njit(cache=True, error_model="numpy")
-def conv_relu_pairs(x1, x2, geo, k, s, d, w, b, alpha, ntk, slots, pads, rowsum, out):  # noqa: ANN001, PLR0913
-    """ConvNet GP/NTK with a flattening dense readout, every pair of images of ``x1`` (n1,
-    pixels, channels) and ``x2``: ``depth`` x (conv, leaky ReLU), then the readout.
+def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, pads, rowsum, out):  # noqa: ANN001, PLR0913
+    """The GP/NTK of a (leaky) ReLU ConvNet with a flattening dense readout, for every pair of
+    images of ``x1`` (n1, pixels, channels) and ``x2``, running the network's program ``ops``.
 
-    Same recursion as :func:`.conv.conv`, :func:`.nonlinearities.leaky_relu` and
-    :func:`.conv.flatten_readout`, on one pair's (H, W) map at a time, which stays in L1 cache
-    through all the layers. ``geo[l]`` is layer l's (H in, W in, H out, W out, zeros before
-    along H, along W); ``pads[l]`` its zero-bordered scratch. ``out[slots[l], i, j]`` receives
-    the kernel after ``l`` (conv, activation) pairs where ``slots[l] >= 0``.
+    Operations (each reads maps ``a`` (and ``b``) and writes map ``dst``, of ``size``
+    pixels): CONV with geometry row ``geos[g]`` (:func:`_box`), as :func:`.conv.conv`; RELU
+    with the images' variance maps at ``offsets[var]``, as :func:`.nonlinearities.leaky_relu`;
+    ADD, as :func:`.conv.residual`; TAP: ``out[var, i, j]`` = the flatten readout of map ``a``
+    (:func:`.conv.flatten_readout`). Map 0 holds the inputs' per-pixel covariance. A CONV with
+    ``flag`` set reads the inputs, whose NTK is zero.
+
+    One pair's maps stay in L1 cache through the whole program; ``pads[g]`` is geometry g's
+    zero-bordered scratch.
     """
-    n1, hw0 = x1.shape[0], x1.shape[1]
-    n2 = x2.shape[0]
-    depth = geo.shape[0]
+    n1, n2 = x1.shape[0], x2.shape[0]
     c = (1.0 - alpha) ** 2
     shrink = alpha + 0.5 * c
-    scale = w / (k * k)
-    q1, inv1 = _conv_variances(x1, geo, k, s, d, w, b, shrink, pads, rowsum)
-    q2, inv2 = _conv_variances(x2, geo, k, s, d, w, b, shrink, pads, rowsum)
-    kmap = np.empty(hw0)
-    knew = np.empty(hw0)
-    tmap = np.empty(hw0)
-    tnew = np.empty(hw0)
+    n_maps, hw0 = ops[:, 3].max() + 1, x1.shape[1]
+    kmaps = np.zeros((n_maps, hw0))
+    tmaps = np.zeros((n_maps, hw0))
+    q1, inv1 = _program_variances(x1, ops, geos, offsets, w, b, shrink, pads, rowsum, kmaps)
+    q2, inv2 = _program_variances(x2, ops, geos, offsets, w, b, shrink, pads, rowsum, kmaps)
     for i in range(n1):
         for j in range(n2):
-            _pixel_covariance(x1, i, x2, j, kmap)
-            size = hw0
-            if slots[0] >= 0:  # the readout of the inputs; the NTK is the NNGP there
-                out[slots[0], i, j] = b + w * (kmap[:size].sum() / size)
-            for layer in range(depth):
-                _box(kmap, geo[layer], pads[layer], rowsum, k, s, d, scale, b, knew)
-                size = geo[layer, 2] * geo[layer, 3]
-                if ntk:
-                    if layer == 0:  # the inputs' NTK is zero
-                        for p in range(size):
-                            tnew[p] = knew[p]
-                    else:
-                        _box(tmap, geo[layer], pads[layer], rowsum, k, s, d, scale, 0.0, tnew)
-                        for p in range(size):
-                            tnew[p] += knew[p]
-                for p in range(size):
-                    f, fdot = _relu(knew[p], q1[i, layer, p], q2[j, layer, p], inv1[i, layer, p],
-                                    inv2[j, layer, p], alpha, c)  # fmt: skip
-                    kmap[p] = f
+            _pixel_covariance(x1, i, x2, j, kmaps[0])
+            if ntk:  # the inputs' NTK (map 0 may have held another value in the last pair)
+                tmaps[0, :] = 0.0
+            for op in range(ops.shape[0]):
+                code, a, bb, dst, g, v, size = (ops[op, 0], ops[op, 1], ops[op, 2], ops[op, 3],
+                                                ops[op, 4], ops[op, 5], ops[op, 6])  # fmt: skip
+                ksrc, kout, tsrc, tout = kmaps[a], kmaps[dst], tmaps[a], tmaps[dst]
+                if code == CONV:
+                    k = geos[g, 6]
+                    scale = w / (k * k)
+                    _box(ksrc, geos[g], pads[g], rowsum, scale, b, kout)
                     if ntk:
-                        tmap[p] = tnew[p] * fdot
-                slot = slots[layer + 1]
-                if slot >= 0:
-                    nngp = b + w * (kmap[:size].sum() / size)
-                    out[slot, i, j] = w * (tmap[:size].sum() / size) + nngp if ntk else nngp
+                        if ops[op, 7]:  # the inputs' NTK is zero
+                            for p in range(size):
+                                tout[p] = kout[p]
+                        else:
+                            _box(tsrc, geos[g], pads[g], rowsum, scale, 0.0, tout)
+                            for p in range(size):
+                                tout[p] += kout[p]
+                elif code == RELU:
+                    o = offsets[v]
+                    qa, qb = q1[i, o : o + size], q2[j, o : o + size]
+                    ia, ib = inv1[i, o : o + size], inv2[j, o : o + size]
+                    for p in range(size):
+                        f, fdot = _relu(ksrc[p], qa[p], qb[p], ia[p], ib[p], alpha, c)
+                        kout[p] = f
+                        if ntk:
+                            tout[p] = tsrc[p] * fdot
+                elif code == ADD:
+                    kother, tother = kmaps[bb], tmaps[bb]
+                    for p in range(size):
+                        kout[p] = ksrc[p] + kother[p]
+                    if ntk:
+                        for p in range(size):
+                            tout[p] = tsrc[p] + tother[p]
+                else:  # TAP; at the inputs the NTK is the NNGP
+                    nngp = b + w * (ksrc[:size].sum() / size)
+                    out[v, i, j] = w * (tsrc[:size].sum() / size) + nngp if ntk else nngp

@@ -8,12 +8,14 @@ cache, with ``arccos`` from a polynomial (below) that LLVM vectorises:
 
 - dense: for each row of a tile, every layer over the row; about 6 ns per entry and layer, the
   NTK included;
-- conv: for each pair of images, every layer (patch sum, then ReLU) over the pair's (H, W)
-  map; about 5.5 ns per map entry against 21 ns layer by layer (``benchmarks/RESULTS.md``).
+- image nets with a flattening readout (plain ConvNets, residual nets, ResNet-32): for each
+  pair of images, the network's program (:class:`ConvProgram`: patch sums, ReLU steps,
+  residual sums, readouts) over the pair's (H, W) maps; about 5.5 ns per map entry against
+  21 ns layer by layer (``benchmarks/RESULTS.md``).
 
-The layer-by-layer path stays the reference and the path for CuPy arrays, residual and pooled
-networks and every other nonlinearity; the tests hold the two equal to 1e-12 and both to the
-Monte Carlo oracles.
+The layer-by-layer path stays the reference and the path for CuPy arrays, pooled networks and
+every other nonlinearity; the tests hold the two equal to 1e-12 and both to the Monte Carlo
+oracles.
 
 ``arccos``: with ``a = |x|``, ``arcsin`` on ``[0, 1/2]`` is ``a + a z P(z)`` with ``z = a^2``,
 and on ``(1/2, 1]`` ``arccos(a) = 2 arcsin(sqrt(z))`` with ``z = (1 - a) / 2`` (exact in
@@ -34,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["applies", "conv_relu_cross", "dense_relu_cross", "warm"]
+from .conv import ConvGeometry
+
+__all__ = ["ConvProgram", "applies", "conv_relu_cross", "dense_relu_cross", "warm"]
 
 _DEGREE = 12
 
@@ -59,15 +63,12 @@ ARCSIN_COEFFICIENTS = _fit()
 
 
 def applies(spec: Any) -> bool:
-    """Whether ``spec`` has a compiled loop: (leaky) ReLU dense nets, and (leaky) ReLU ConvNets
-    with a flattening readout and no skip connections. Residual and pooled networks, and
-    every other activation, take the layer-by-layer path."""
+    """Whether ``spec`` has a compiled loop: (leaky) ReLU dense nets, and (leaky) ReLU image
+    nets (plain, residual, ResNet-32) with a flattening readout. Pooled networks, and every
+    other activation, take the layer-by-layer path."""
     if spec.activation.spec["name"] not in ("relu", "leaky_relu"):
         return False
-    if spec.arch == "fc":
-        return True
-    plain = not spec.skip_every or spec.depth < 2  # Spec.layers adds no residual block then
-    return spec.arch == "conv" and spec.readout == "flatten" and plain
+    return spec.arch == "fc" or spec.readout == "flatten"
 
 
 @functools.cache
@@ -117,39 +118,149 @@ def dense_relu_cross(spec: Any, gram: np.ndarray, var1: np.ndarray, var2: np.nda
 
 def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, int],
                     out: np.ndarray) -> None:  # fmt: skip
-    """Fill ``out[slot]`` with a ConvNet's kernel after each depth ``d`` whose slot is
-    ``taps[d]``, for the images in the rows of ``x1`` (n1, H W C) and ``x2`` (n2, H W C).
+    """Fill ``out[slot]`` with an image network's kernel after each depth ``d`` whose slot is
+    ``taps[d]`` (residual networks: at full depth only), for the images in the rows of ``x1``
+    (n1, H W C) and ``x2`` (n2, H W C).
 
-    ``spec`` is a conv spec for which :func:`applies` holds; ``out`` is (len(taps), n1, n2).
+    ``spec`` is an image spec for which :func:`applies` holds; ``out`` is (len(taps), n1, n2).
     """
-    from .conv import ConvGeometry  # noqa: PLC0415
-
-    h, w, channels = spec.image_shape
-    g = ConvGeometry(spec.filter_size, spec.stride, spec.dilation, spec.padding)
-    geo = np.zeros((spec.depth, 6), dtype=np.int64)
-    padded = np.zeros((spec.depth, 2), dtype=np.int64)
-    for layer in range(spec.depth):
-        (h_out, h_lo, h_hi), (w_out, w_lo, w_hi) = g.axis(h), g.axis(w)
-        geo[layer] = h, w, h_out, w_out, h_lo, w_lo
-        padded[layer] = h_lo + h + h_hi, w_lo + w + w_hi
-        h, w = h_out, w_out
-    hp, wp = (int(v) for v in padded.max(axis=0, initial=1))
-    _loops().conv_relu_pairs(
-        np.ascontiguousarray(x1, dtype=np.float64).reshape(len(x1), -1, channels),
-        np.ascontiguousarray(x2, dtype=np.float64).reshape(len(x2), -1, channels),
-        geo,
-        g.filter_size,
-        g.stride,
-        g.dilation,
+    program = ConvProgram.of(spec, taps)
+    ops, geos, offsets = program.arrays()
+    rows, cols = program.scratch_shape()
+    _loops().relu_program_pairs(
+        np.ascontiguousarray(x1, dtype=np.float64).reshape(len(x1), -1, spec.image_shape[2]),
+        np.ascontiguousarray(x2, dtype=np.float64).reshape(len(x2), -1, spec.image_shape[2]),
+        ops,
+        geos,
+        offsets,
         spec.weight_var,
         spec.bias_var,
         _alpha(spec),
         spec.kernel == "ntk",
-        _slots(spec, taps),
-        np.zeros((max(spec.depth, 1), hp, wp)),  # zero borders, one per layer
-        np.empty((hp, wp)),
+        np.zeros((len(geos), rows, cols)),  # zero borders, one per geometry
+        np.empty((rows, cols)),
         out,
     )
+
+
+class ConvProgram:
+    """An image network as the compiled loop runs it: a list of operations on per-pair maps.
+
+    Values are numbered as they are made (0: the inputs' per-pixel covariance); :meth:`arrays`
+    assigns them to as few map buffers as their lifetimes allow, so a ResNet-32's 100-odd
+    values share a handful of maps that stay in L1 cache. This mirrors
+    :meth:`.spec.Spec.layers` for conv, residual and ResNet-32 nets; the tests hold the two
+    equal to 1e-12.
+    """
+
+    CONV, RELU, ADD, TAP = 0, 1, 2, 3  # as in _relu_loop
+
+    def __init__(self, h: int, w: int) -> None:
+        self.shapes: list[tuple[int, int]] = [(h, w)]
+        self.ops: list[tuple] = []  # (code, inputs, output value or tap slot, geometry)
+
+    @classmethod
+    def of(cls, spec: Any, taps: dict[int, int]) -> ConvProgram:
+        """The program of ``spec`` (conv or resnet32, flatten readout), reading out the kernel
+        after each depth ``d`` in ``taps`` into slot ``taps[d]``."""
+        h, w, _ = spec.image_shape
+        p = cls(h, w)
+        g = ConvGeometry(spec.filter_size, spec.stride, spec.dilation, spec.padding)
+        residual = spec.arch == "resnet32" or (spec.skip_every and spec.depth >= 2)
+        if residual and set(taps) != {spec.depth}:
+            raise ValueError("residual networks give their kernel at full depth only")
+        if spec.arch == "resnet32":
+            v = p.conv(0, ConvGeometry(3))
+            for stride in (1, 2, 2):
+                for blk in range(5):
+                    s = stride if blk == 0 else 1
+                    u = p.conv(p.relu(p.conv(p.relu(v), ConvGeometry(3, stride=s))),
+                               ConvGeometry(3))  # fmt: skip
+                    v = p.add(u, p.conv(v, ConvGeometry(1, stride=s)) if blk == 0 else v)
+            p.tap(p.relu(v), taps[spec.depth])
+        elif residual:
+            v = p.conv(0, g)
+            pairs, s = spec.depth - 1, spec.skip_every
+            for start in range(0, pairs, s):
+                u = v
+                for _ in range(min(s, pairs - start)):
+                    u = p.conv(p.relu(u), g)
+                v = p.add(u, v) if pairs - start >= s else u
+            p.tap(p.relu(v), taps[spec.depth])
+        else:
+            v = 0
+            for d in range(spec.depth + 1):
+                if d:
+                    v = p.relu(p.conv(v, g))
+                if d in taps:
+                    p.tap(v, taps[d])
+        return p
+
+    def _make(self, code: int, inputs: tuple[int, ...], shape: tuple[int, int],
+              geometry: tuple = ()) -> int:  # fmt: skip
+        self.shapes.append(shape)
+        self.ops.append((code, inputs, len(self.shapes) - 1, geometry))
+        return len(self.shapes) - 1
+
+    def conv(self, v: int, g: ConvGeometry) -> int:
+        h, w = self.shapes[v]
+        (ho, lo_h, _), (wo, lo_w, _) = g.axis(h), g.axis(w)
+        geometry = (h, w, ho, wo, lo_h, lo_w, g.filter_size, g.stride, g.dilation)
+        return self._make(self.CONV, (v,), (ho, wo), geometry)
+
+    def relu(self, v: int) -> int:
+        return self._make(self.RELU, (v,), self.shapes[v])
+
+    def add(self, a: int, b: int) -> int:
+        if self.shapes[a] != self.shapes[b]:
+            raise ValueError(
+                f"residual branch maps {self.shapes[b]} to {self.shapes[a]}: a strided block "
+                "needs a projection shortcut"
+            )
+        return self._make(self.ADD, (a, b), self.shapes[a])
+
+    def tap(self, v: int, slot: int) -> None:
+        self.ops.append((self.TAP, (v,), slot, ()))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``ops`` rows (code, a, b, dst map, geometry row, var or tap slot, size, inputs'
+        NTK is zero), the distinct geometry rows, and the offsets of the activations'
+        variance maps."""
+        last = {v: k for k, (_, inputs, _, _) in enumerate(self.ops) for v in inputs}
+        where, free, n_maps = {0: 0}, [], 1
+        geos: dict[tuple, int] = {}
+        offsets = [0]
+        rows = []
+        for k, (code, inputs, result, geometry) in enumerate(self.ops):
+            a, b = inputs[0], inputs[-1]
+            size = math.prod(self.shapes[a])
+            dst, extra = 0, result  # a TAP writes no map; its slot rides in the var column
+            if code != self.TAP:
+                if free:
+                    dst = free.pop()
+                else:
+                    dst, n_maps = n_maps, n_maps + 1
+                where[result] = dst
+                size = math.prod(self.shapes[result])
+                extra = 0
+            if code == self.RELU:
+                extra = len(offsets) - 1
+                offsets.append(offsets[-1] + size)
+            g = geos.setdefault(geometry, len(geos)) if geometry else 0
+            rows.append((code, where[a], where[b], dst, g, extra, size, int(a == 0)))
+            free += sorted({where[v] for v in inputs if last[v] == k})
+        geo = np.array(list(geos) or [(1,) * 9], dtype=np.int64).reshape(-1, 9)
+        return np.array(rows, dtype=np.int64), geo, np.array(offsets, dtype=np.int64)
+
+    def scratch_shape(self) -> tuple[int, int]:
+        """Rows and columns of the zero-bordered scratch every conv geometry fits in."""
+        rows = cols = 1
+        for code, _, _, g in self.ops:
+            if code == self.CONV:
+                hin, win, hout, wout, lo_h, lo_w, k, s, d = g
+                rows = max(rows, lo_h + hin, (hout - 1) * s + (k - 1) * d + 1)
+                cols = max(cols, lo_w + win, (wout - 1) * s + (k - 1) * d + 1)
+        return rows, cols
 
 
 def _alpha(spec: Any) -> float:

@@ -258,8 +258,8 @@ class Spec:
         n1, n2 = len(x1), len(x2)
         out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
         if xp.__name__ == "numpy" and fused.applies(self):
-            taps = {count // 2: slot for count, slot in program.taps.items()}
-            fused.conv_relu_cross(self, x1, x2, taps, out)
+            by_depth = [self.depth] if depths is None else depths  # checked by _program
+            fused.conv_relu_cross(self, x1, x2, {d: k for k, d in enumerate(by_depth)}, out)
             return out if depths is not None else out[0]
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
