@@ -7,8 +7,8 @@ How a grid costs little more than one kernel:
 * Every depth 1..L comes from one pass of the recursion (``Spec.cross_from(depths=...)``), so a
   grid point is one (w_var, b_var) pair, one task, whatever the number of depths.
 * The noise values of a grid share that task's kernel; each is one Cholesky factorisation of
-  the fitted points' matrix (about 12x cheaper than the eigendecomposition that would serve every
-  noise at once, for the 4 or 5 values a grid usually holds).
+  the fitted points' matrix (:func:`.select.noisy_solve`; an eigendecomposition serving every
+  noise at once costs about 20 of them).
 
 The split: the first ``train_size`` training examples are fitted and the **last**
 ``validation_size`` training examples scored (as Lee et al. and Garriga-Alonso et al. held out
@@ -39,6 +39,7 @@ from . import datasets
 from .errors import UserError
 from .kernels import Spec, input_state
 from .predict import targets
+from .select import noisy_solve
 from .storage import writable
 
 __all__ = ["parse_grid", "parse_depths", "sweep"]
@@ -100,8 +101,6 @@ def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarr
                 labels: bool, spec_kwargs: dict, depths: list[int],
                 noises: list[float]) -> list[dict]:  # fmt: skip
     """Score one (w_var, b_var) at every depth and noise (worker side)."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve  # noqa: PLC0415
-
     from . import workers  # noqa: PLC0415
 
     workers.tune_allocator()
@@ -117,15 +116,14 @@ def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarr
     for di, depth in enumerate(depths):
         scale = float(np.mean(np.diagonal(k_fit[di])))
         for ni, s in enumerate(noises):
-            a = k_fit[di].copy()
-            a[np.diag_indices(n)] += s * scale
             row = {"depth": depth, "noise": s}
-            try:
-                alphas[di, ni] = cho_solve(cho_factor(a, overwrite_a=True), t_fit)
-            except LinAlgError:
+            solved = noisy_solve(k_fit[di], t_fit, s * scale)
+            if solved is None:
                 row["result"] = "not positive definite"
+            else:
+                alphas[di, ni] = solved[0]
             rows.append(row)
-    del k_fit, a
+    del k_fit
     clock["solve"] += time.perf_counter() - t0
     v = len(y_val)
     means = {key: np.empty((v, t_fit.shape[1])) for key in alphas}
