@@ -190,8 +190,8 @@ def solve(
     """Solve for ``alpha = (K + s I)^-1 T``; return the solve record (also kept in the store).
 
     ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
-    one in-memory Cholesky factorisation (:mod:`nngp_dist.select`), on a validation split of the last
-    ``validation_size`` training examples or by the marginal likelihood, ``select_by``
+    one in-memory Cholesky factorisation (:mod:`nngp_dist.select`), on a validation split of
+    the last ``validation_size`` training examples or by the marginal likelihood, ``select_by``
     (default: validation accuracy when there is a split and labels, else ``lml``), and the
     solve uses the chosen one on all the training examples.
 
