@@ -12,7 +12,7 @@ import math
 import numba
 import numpy as np
 
-from .fused import ARCSIN_COEFFICIENTS
+from .fused import ADD, ARCSIN_COEFFICIENTS, CONV, RELU
 
 # Horner's rule, highest degree first: P's top coefficient, then the rest as a tuple of
 # constants, over which Numba unrolls the loop.
@@ -113,9 +113,8 @@ def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, out):  # noqa: A
             q1 = w * (shrink * q1) + b
 
 
-# The conv program's operations (rows of ``ops``: code, a, b, dst, geometry, var, size, flag;
-# built by :func:`.fused.conv_program`).
-CONV, RELU, ADD, TAP = 0, 1, 2, 3
+# The conv program's rows of ``ops``: code, a, b, dst, geometry, var, size, flag (built by
+# :class:`.fused.ConvProgram`); anything not CONV, RELU or ADD is a TAP.
 
 
 @numba.njit(inline="always")

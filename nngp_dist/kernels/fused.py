@@ -1,5 +1,5 @@
 """CPU fast paths for (leaky) ReLU networks: the whole recursion per kernel entry in one
-compiled loop, for dense nets and for plain ConvNets with a flattening readout.
+compiled loop, for dense nets and for image nets with a flattening readout.
 
 The layer-by-layer path (:mod:`.layers`, :mod:`.nonlinearities`, :mod:`.conv`) makes several
 passes over memory per layer, and NumPy's ``arctan2`` alone costs about 15 ns per entry on the
@@ -41,6 +41,9 @@ from .conv import ConvGeometry
 __all__ = ["ConvProgram", "applies", "conv_relu_cross", "dense_relu_cross", "warm"]
 
 _DEGREE = 12
+
+# The operations of a ConvProgram, as the compiled loop (_relu_loop) reads them.
+CONV, RELU, ADD, TAP = 0, 1, 2, 3
 
 
 def _arcsin_series(z: np.ndarray) -> np.ndarray:
@@ -147,13 +150,11 @@ class ConvProgram:
     """An image network as the compiled loop runs it: a list of operations on per-pair maps.
 
     Values are numbered as they are made (0: the inputs' per-pixel covariance); :meth:`arrays`
-    assigns them to as few map buffers as their lifetimes allow, so a ResNet-32's 100-odd
-    values share a handful of maps that stay in L1 cache. This mirrors
+    assigns them to as few map buffers as their lifetimes allow, so a ResNet-32's 81
+    operations share 3 maps that stay in L1 cache. This mirrors
     :meth:`.spec.Spec.layers` for conv, residual and ResNet-32 nets; the tests hold the two
     equal to 1e-12.
     """
-
-    CONV, RELU, ADD, TAP = 0, 1, 2, 3  # as in _relu_loop
 
     def __init__(self, h: int, w: int) -> None:
         self.shapes: list[tuple[int, int]] = [(h, w)]
@@ -206,10 +207,10 @@ class ConvProgram:
         h, w = self.shapes[v]
         (ho, lo_h, _), (wo, lo_w, _) = g.axis(h), g.axis(w)
         geometry = (h, w, ho, wo, lo_h, lo_w, g.filter_size, g.stride, g.dilation)
-        return self._make(self.CONV, (v,), (ho, wo), geometry)
+        return self._make(CONV, (v,), (ho, wo), geometry)
 
     def relu(self, v: int) -> int:
-        return self._make(self.RELU, (v,), self.shapes[v])
+        return self._make(RELU, (v,), self.shapes[v])
 
     def add(self, a: int, b: int) -> int:
         if self.shapes[a] != self.shapes[b]:
@@ -217,10 +218,10 @@ class ConvProgram:
                 f"residual branch maps {self.shapes[b]} to {self.shapes[a]}: a strided block "
                 "needs a projection shortcut"
             )
-        return self._make(self.ADD, (a, b), self.shapes[a])
+        return self._make(ADD, (a, b), self.shapes[a])
 
     def tap(self, v: int, slot: int) -> None:
-        self.ops.append((self.TAP, (v,), slot, ()))
+        self.ops.append((TAP, (v,), slot, ()))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``ops`` rows (code, a, b, dst map, geometry row, var or tap slot, size, inputs'
@@ -233,17 +234,16 @@ class ConvProgram:
         rows = []
         for k, (code, inputs, result, geometry) in enumerate(self.ops):
             a, b = inputs[0], inputs[-1]
-            size = math.prod(self.shapes[a])
-            dst, extra = 0, result  # a TAP writes no map; its slot rides in the var column
-            if code != self.TAP:
+            if code == TAP:  # writes no map; its slot rides in the var column
+                dst, extra, size = 0, result, math.prod(self.shapes[a])
+            else:
                 if free:
                     dst = free.pop()
                 else:
                     dst, n_maps = n_maps, n_maps + 1
                 where[result] = dst
-                size = math.prod(self.shapes[result])
-                extra = 0
-            if code == self.RELU:
+                extra, size = 0, math.prod(self.shapes[result])
+            if code == RELU:
                 extra = len(offsets) - 1
                 offsets.append(offsets[-1] + size)
             g = geos.setdefault(geometry, len(geos)) if geometry else 0
@@ -256,7 +256,7 @@ class ConvProgram:
         """Rows and columns of the zero-bordered scratch every conv geometry fits in."""
         rows = cols = 1
         for code, _, _, g in self.ops:
-            if code == self.CONV:
+            if code == CONV:
                 hin, win, hout, wout, lo_h, lo_w, k, s, d = g
                 rows = max(rows, lo_h + hin, (hout - 1) * s + (k - 1) * d + 1)
                 cols = max(cols, lo_w + win, (wout - 1) * s + (k - 1) * d + 1)

@@ -258,8 +258,7 @@ class Spec:
         n1, n2 = len(x1), len(x2)
         out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
         if xp.__name__ == "numpy" and fused.applies(self):
-            by_depth = [self.depth] if depths is None else depths  # checked by _program
-            fused.conv_relu_cross(self, x1, x2, {d: k for k, d in enumerate(by_depth)}, out)
+            fused.conv_relu_cross(self, x1, x2, self._slots_by_depth(depths), out)
             return out if depths is not None else out[0]
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
@@ -284,8 +283,8 @@ class Spec:
         n1, n2 = inputs.nngp.shape
         out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
         if xp.__name__ == "numpy" and fused.applies(self):
-            taps = {(count - 1) // 2: slot for count, slot in program.taps.items()}
-            fused.dense_relu_cross(self, inputs.nngp, inputs.var1, inputs.var2, taps, out)
+            fused.dense_relu_cross(self, inputs.nngp, inputs.var1, inputs.var2,
+                                   self._slots_by_depth(depths), out)  # fmt: skip
             return out if depths is not None else out[0]
         return self._cross_layers(inputs, program, out, depths)
 
@@ -348,6 +347,10 @@ class Spec:
             raise ValueError(f"depths must be distinct and in 0..{self.depth}, got {depths}")
         offset = 0 if self.is_image else 1
         return {2 * d + offset: k for k, d in enumerate(depths)}
+
+    def _slots_by_depth(self, depths: list[int] | None) -> dict[int, int]:
+        """Depth -> output slot, for the compiled loops (``depths`` checked by :meth:`_taps`)."""
+        return {d: k for k, d in enumerate([self.depth] if depths is None else depths)}
 
     def map_entries_per_pair(self) -> int:
         """Map entries one pair of inputs passes through, summed over the layers: what the
