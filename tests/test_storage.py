@@ -225,3 +225,41 @@ def test_a_python_nonlinearity_object_is_used_and_recorded(tmp_path, small_npz):
     with pytest.raises(UserError, match="module:function"):
         run(tmp_path / "k2.zarr", small_npz, activation=elementwise(lambda v: np.sin(v)))
     assert not (tmp_path / "k2.zarr").exists()
+
+
+def test_flushed_tiles_read_back_with_plain_zarr(tmp_path):
+    """The kernel stage's store (workers.FlushingStore) writes large chunks its own way
+    (flushed, dropped from the page cache, renamed into place) and small ones as zarr does:
+    plain zarr reads both back, and no temporary file is left."""
+    from nngp_dist.workers import FlushingStore
+
+    rng = np.random.default_rng(3)
+    big, small = rng.standard_normal((600, 600)), rng.standard_normal((5, 5))  # 2.9 MB, 200 B
+    group = zarr.open_group(FlushingStore(tmp_path / "s.zarr"), mode="w")
+    for name, a in (("big", big), ("small", small)):
+        group.create_array(name, shape=a.shape, chunks=a.shape, dtype="float64")[...] = a
+    plain = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    np.testing.assert_array_equal(plain["big"][...], big)
+    np.testing.assert_array_equal(plain["small"][...], small)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+
+
+def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkeypatch):
+    """A write that fails on its way to disk raises, and the chunk keeps its previous value:
+    the temporary file is removed, never renamed into place."""
+    from nngp_dist import workers
+
+    old = np.random.default_rng(4).standard_normal((600, 600))  # incompressible: 2.9 MB
+    group = zarr.open_group(workers.FlushingStore(tmp_path / "s.zarr"), mode="w")
+    arr = group.create_array("k", shape=old.shape, chunks=old.shape, dtype="float64")
+    arr[...] = old
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workers.os, "fdatasync", full_disk, raising=False)
+    monkeypatch.setattr(workers.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        arr[...] = 2 * old
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], old)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))
