@@ -208,6 +208,17 @@ def test_compiled_loop_runs_residual_nets_and_resnet32(monkeypatch, net, kind):
     # diagonal recursion does.
     np.testing.assert_allclose(got[0, 0], spec.diag(x1[:1])[0], rtol=1e-14)
     np.testing.assert_allclose(got[0, 0], want[0, 0], rtol=1e-9)
+    # A set with itself (a diagonal tile): half the pairs, mirrored; its diagonal is the
+    # diagonal recursion's.
+    both = np.concatenate([x1, x2[1:]])
+    sym = spec.cross(both, both)
+    assert (sym == sym.T).all()
+    off = ~np.eye(len(both), dtype=bool)
+    with monkeypatch.context() as m:
+        m.setattr(spec_module.fused, "applies", lambda spec: False)
+        np.testing.assert_allclose(sym[off], spec.cross(both, both.copy())[off], rtol=1e-12,
+                                   atol=1e-15)  # fmt: skip
+    np.testing.assert_allclose(np.diag(sym), spec.diag(both), rtol=1e-14)
 
 
 def test_compiled_conv_loop_only_where_it_applies():

@@ -180,6 +180,28 @@ def test_compiled_loop_equals_layer_by_layer(monkeypatch, activation, kind):
         np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_compiled_loop_on_a_set_with_itself(monkeypatch, kind):
+    """``cross(x, x)`` (a diagonal tile) evaluates the upper triangle and mirrors it: exactly
+    symmetric, and equal to the layer-by-layer recursion on a copy of ``x``, at every depth,
+    with repeated, negated and zero rows among the inputs."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((70, 30))  # over one 64-row block of the mirror
+    x[5], x[6], x[-1] = x[3], -x[4], 0.0
+    depths = [0, 1, 3]
+    spec = Spec(depth=3, weight_var=1.7, bias_var=0.2, kernel=kind)
+    got = spec.cross(x, x, depths=depths)
+    with monkeypatch.context() as m:
+        m.setattr(kernels.fused, "applies", lambda spec: False)
+        want = spec.cross(x, x.copy(), depths=depths)
+    assert (got == got.transpose(0, 2, 1)).all()
+    norms = np.outer(*(2 * [np.linalg.norm(x, axis=1)]))
+    edge = np.isclose(np.abs(x @ x.T), norms, rtol=1e-12, atol=0)  # as in the test above
+    np.testing.assert_allclose(got[:, ~edge], want[:, ~edge], rtol=1e-12, atol=1e-15)
+    tol = (1e-7 if kind == "ntk" else 1e-13) * np.abs(want).max()
+    np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
+
+
 def test_compiled_loops_load_where_the_install_and_home_are_read_only(tmp_path):
     """Numba refuses to cache (and so to load) the loops where neither the package folder nor
     the user's cache folder is writable; the loops then cache in the temporary directory."""

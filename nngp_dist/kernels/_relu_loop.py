@@ -71,13 +71,26 @@ def arccos(x: np.ndarray, out: np.ndarray) -> None:
         out[i] = _arccos(x[i])
 
 
+@numba.njit(inline="always")
+def _mirror_upper(a):  # noqa: ANN001, ANN202
+    """Copy the upper triangle of the square ``a`` onto its lower one, in cache-sized blocks."""
+    n, blk = a.shape[0], 64
+    for r0 in range(0, n, blk):
+        for c0 in range(0, r0 + 1, blk):
+            for r in range(r0, min(r0 + blk, n)):
+                for col in range(c0, min(c0 + blk, r)):
+                    a[r, col] = a[col, r]
+
+
 @numba.njit(cache=True, error_model="numpy")
-def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, out):  # noqa: ANN001, PLR0913
+def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, symmetric, out):  # noqa: ANN001, PLR0913
     """Dense layer, then ``depth`` x (leaky ReLU, dense layer), for every entry of ``gram``.
 
     Same recursion as :func:`.layers.dense` and :func:`.nonlinearities.leaky_relu` (ReLU is
     ``alpha = 0``), one entry at a time by :func:`_relu`.
     ``out[slots[d]]`` receives the kernel after ``d`` hidden layers where ``slots[d] >= 0``.
+    ``symmetric``: ``gram`` is a set's Gram matrix with itself (``var1`` equal to ``var2``);
+    only the entries on and above the diagonal are evaluated, and mirrored below it.
     """
     n1, n2 = gram.shape
     c = (1.0 - alpha) ** 2
@@ -94,23 +107,30 @@ def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, out):  # noqa: A
     k = np.empty(n2)
     theta = np.empty(n2)
     for i in range(n1):
-        for j in range(n2):
-            k[j] = w * gram[i, j] + b
-            theta[j] = k[j]  # the NTK after the first dense layer equals its NNGP
+        j0 = i if symmetric else 0  # row i's columns: j0 onwards, as views from 0
+        m, row = n2 - j0, gram[i, j0:]
+        kr, tr = k[:m], theta[:m]
+        for j in range(m):
+            kr[j] = w * row[j] + b
+            tr[j] = kr[j]  # the NTK after the first dense layer equals its NNGP
         if slots[0] >= 0:
-            out[slots[0], i] = theta if ntk else k
+            out[slots[0], i, j0:] = tr if ntk else kr
         q1 = w * var1[i] + b
         for layer in range(depth):
             i1 = 1.0 / math.sqrt(q1) if q1 > 0.0 else math.inf
-            for j in range(n2):
-                f, fdot = _relu(k[j], q1, q2[layer, j], i1, inv2[layer, j], alpha, c)
+            qr, ir = q2[layer, j0:], inv2[layer, j0:]
+            for j in range(m):
+                f, fdot = _relu(kr[j], q1, qr[j], i1, ir[j], alpha, c)
                 kn = w * f + b
                 if ntk:
-                    theta[j] = w * (fdot * theta[j]) + kn
-                k[j] = kn
+                    tr[j] = w * (fdot * tr[j]) + kn
+                kr[j] = kn
             if slots[layer + 1] >= 0:
-                out[slots[layer + 1], i] = theta if ntk else k
+                out[slots[layer + 1], i, j0:] = tr if ntk else kr
             q1 = w * (shrink * q1) + b
+    if symmetric:
+        for slot in range(out.shape[0]):
+            _mirror_upper(out[slot])
 
 
 # The conv program's rows of ``ops``: code, a, b, dst, geometry, var, size, flag (built by
@@ -189,7 +209,7 @@ def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, pads, rowsum, out):  # noqa: ANN001, PLR0913
+def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, symmetric, pads, rowsum, out):  # noqa: ANN001, E501, PLR0913
     """The GP/NTK of a (leaky) ReLU ConvNet with a flattening dense readout, for every pair of
     images of ``x1`` (n1, pixels, channels) and ``x2``, running the network's program ``ops``.
 
@@ -201,7 +221,8 @@ def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, pads, rowsu
     ``flag`` set reads the inputs, whose NTK is zero.
 
     One pair's maps stay in L1 cache through the whole program; ``pads[g]`` is geometry g's
-    zero-bordered scratch.
+    zero-bordered scratch. ``symmetric``: ``x2`` is ``x1``; the pairs on and above the
+    diagonal are evaluated, and mirrored below it.
     """
     n1, n2 = x1.shape[0], x2.shape[0]
     c = (1.0 - alpha) ** 2
@@ -210,9 +231,12 @@ def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, pads, rowsu
     kmaps = np.zeros((n_maps, hw0))
     tmaps = np.zeros((n_maps, hw0))
     q1, inv1 = _program_variances(x1, ops, geos, offsets, w, b, shrink, pads, rowsum, kmaps)
-    q2, inv2 = _program_variances(x2, ops, geos, offsets, w, b, shrink, pads, rowsum, kmaps)
+    if symmetric:
+        q2, inv2 = q1, inv1
+    else:
+        q2, inv2 = _program_variances(x2, ops, geos, offsets, w, b, shrink, pads, rowsum, kmaps)
     for i in range(n1):
-        for j in range(n2):
+        for j in range(i if symmetric else 0, n2):
             _pixel_covariance(x1, i, x2, j, kmaps[0])
             if ntk:  # the inputs' NTK (map 0 may have held another value in the last pair)
                 tmaps[0, :] = 0.0
@@ -251,3 +275,6 @@ def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, pads, rowsu
                 else:  # TAP; at the inputs the NTK is the NNGP
                     nngp = b + w * (ksrc[:size].sum() / size)
                     out[v, i, j] = w * (tsrc[:size].sum() / size) + nngp if ntk else nngp
+    if symmetric:
+        for slot in range(out.shape[0]):
+            _mirror_upper(out[slot])

@@ -99,11 +99,14 @@ def _loops() -> Any:
 
 
 def dense_relu_cross(spec: Any, gram: np.ndarray, var1: np.ndarray, var2: np.ndarray,
-                     taps: dict[int, int], out: np.ndarray) -> None:  # fmt: skip
+                     taps: dict[int, int], out: np.ndarray, *,
+                     symmetric: bool = False) -> None:  # fmt: skip
     """Fill ``out[slot]`` with the kernel at each depth ``d`` whose slot is ``taps[d]``.
 
     ``gram`` (n1, n2), ``var1`` (n1,) and ``var2`` (n2,) are the inputs' covariances (the
     input state of :func:`.layers.input_state`); ``out`` is (len(taps), n1, n2), float64.
+    ``symmetric``: the inputs are one set with itself; the upper triangle is evaluated and
+    mirrored.
     """
     _loops().relu_rows(
         np.ascontiguousarray(gram, dtype=np.float64),
@@ -115,17 +118,19 @@ def dense_relu_cross(spec: Any, gram: np.ndarray, var1: np.ndarray, var2: np.nda
         spec.depth,
         spec.kernel == "ntk",
         _slots(spec, taps),
+        symmetric,
         out,
     )
 
 
 def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, int],
-                    out: np.ndarray) -> None:  # fmt: skip
+                    out: np.ndarray, *, symmetric: bool = False) -> None:  # fmt: skip
     """Fill ``out[slot]`` with an image network's kernel after each depth ``d`` whose slot is
     ``taps[d]`` (residual networks: at full depth only), for the images in the rows of ``x1``
     (n1, H W C) and ``x2`` (n2, H W C).
 
     ``spec`` is an image spec for which :func:`applies` holds; ``out`` is (len(taps), n1, n2).
+    ``symmetric``: ``x2`` holds the same images as ``x1``; half the pairs are evaluated.
     """
     program = ConvProgram.of(spec, taps)
     ops, geos, offsets = program.arrays()
@@ -140,6 +145,7 @@ def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, i
         spec.bias_var,
         _alpha(spec),
         spec.kernel == "ntk",
+        symmetric,
         np.zeros((len(geos), rows, cols)),  # zero borders, one per geometry
         np.empty((rows, cols)),
         out,

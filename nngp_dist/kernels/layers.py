@@ -23,7 +23,8 @@ def input_state(x1: Any, x2: Any, *, ntk: bool = False) -> KernelState:
     """The covariance of the inputs themselves: ``<x, x'> / d`` for flattened inputs.
 
     ``x1`` is (n1, d) and ``x2`` (n2, d); the result is a cross state of shape (n1, n2). The NTK
-    of the inputs is zero (no parameters below them).
+    of the inputs is zero (no parameters below them). Passing the same array twice (``x2 is
+    x1``) marks the state symmetric: NumPy's product is then a SYRK, exactly symmetric.
     """
     xp = backend.namespace(x1, x2)
     d = x1.shape[1]
@@ -31,7 +32,7 @@ def input_state(x1: Any, x2: Any, *, ntk: bool = False) -> KernelState:
     gram *= 1.0 / d
     var1 = (xp.einsum("ij,ij->i", x1, x1) / d)[:, None]
     var2 = (xp.einsum("ij,ij->i", x2, x2) / d)[None, :]
-    return KernelState(gram, var1, var2, 0.0 if ntk else None)
+    return KernelState(gram, var1, var2, 0.0 if ntk else None, symmetric=x2 is x1)
 
 
 def diagonal_state(x: Any, *, ntk: bool = False) -> KernelState:
