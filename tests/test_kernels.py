@@ -273,16 +273,67 @@ def test_matches_neural_tangents():
                                                  2.2313130971344424], rtol=1e-7)  # fmt: skip
 
 
-@pytest.mark.parametrize("activation", ["relu", "erf", "tanh"])
-def test_backends_agree(xp, activation):
-    """The same code on each array namespace (CuPy runs only where a GPU is present)."""
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu:0.2", "erf", "tanh"])
+def test_backends_agree(xp, activation, kind):
+    """The same code on each array namespace (CuPy runs only where a GPU is present; there the
+    ReLU family runs as one fused kernel). The pairs include images with themselves."""
     x = np.random.default_rng(8).random((9, 20))
-    spec = Spec(depth=4, weight_var=1.6, bias_var=0.1, activation=activation, kernel="ntk")
+    spec = Spec(depth=4, weight_var=1.6, bias_var=0.1, activation=activation, kernel=kind)
     from nngp_dist.backend import to_host
 
     got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:4])))
     np.testing.assert_allclose(got, spec.cross(x, x[:4]), rtol=1e-10)
     np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
+
+
+def test_fused_gpu_relu_body_compiled_as_c_equals_numpy(tmp_path):
+    """The CUDA body of the GPU's fused ReLU-family kernel is plain C too: compiled on the CPU
+    (without FMA contraction, as the GPU kernel is), it must give NumPy's closed form at every
+    correlation, rho = +-1 and zero variances included. This checks its arithmetic where no
+    GPU is; the backend test above checks the kernel itself on one."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from nngp_dist.kernels.nonlinearities import RELU_CUDA_BODY, RELU_CUDA_DOT, leaky_relu
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "relu.c"
+    src.write_text(
+        "#include <math.h>\n"
+        "void run(long n, const double *K12, const double *K11, const double *K22,\n"
+        "         double alpha, double c, double *F, double *FD) {\n"
+        "  for (long i = 0; i < n; i++) {\n"
+        "    double k12 = K12[i], k11 = K11[i], k22 = K22[i], f, fdot;\n"
+        f"{RELU_CUDA_BODY}{RELU_CUDA_DOT}"
+        "    F[i] = f; FD[i] = fdot;\n"
+        "  }\n"
+        "}\n"
+    )
+    lib = tmp_path / "relu.so"
+    cmd = [cc, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(lib), str(src), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    run = ctypes.CDLL(str(lib)).run
+    rng = np.random.default_rng(21)
+    k11, k22 = rng.uniform(0.1, 3.0, 400), rng.uniform(0.1, 3.0, 400)
+    rho = np.concatenate([rng.uniform(-1, 1, 394), [1.0, -1.0, 0.0, 1 - 1e-12, -1 + 1e-12, 1]])
+    k22[-6:-3] = k11[-6:-3]  # an input with itself, its negative, and an orthogonal one
+    k12 = rho * np.sqrt(k11 * k22)
+    k12[-6], k12[-5] = k11[-6], -k11[-5]
+    k11[-1] = k12[-1] = 0.0  # a zero input
+    ptr = ctypes.POINTER(ctypes.c_double)
+    for alpha in (0.0, 0.2):
+        f, fdot = np.empty(400), np.empty(400)
+        c = (1.0 - alpha) ** 2
+        args = [a.ctypes.data_as(ptr) for a in (k12, k11, k22)]
+        run(ctypes.c_long(400), *args, ctypes.c_double(alpha), ctypes.c_double(c),
+            f.ctypes.data_as(ptr), fdot.ctypes.data_as(ptr))  # fmt: skip
+        want_f, want_dot = leaky_relu(alpha).moments(k12, k11, k22, True)
+        np.testing.assert_allclose(f, want_f, rtol=1e-15, atol=1e-300)
+        np.testing.assert_allclose(fdot, want_dot, rtol=1e-15, atol=0)
 
 
 def test_module_function_activation_against_closed_form():
