@@ -1,6 +1,10 @@
 """ConvNet GP and ResNet GP kernels against wide random CNNs, the dense kernel, and themselves
 tiled; the CLI and store path for image networks."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import zarr
@@ -418,3 +422,39 @@ def test_image_store_solves_in_blocks_of_several_tiles(tmp_path, client, method)
     np.testing.assert_allclose(ds["mean"].values, kt @ cho_solve(factor, t), rtol=1e-8, atol=1e-10)
     var = ds.k_test_diag.values - np.einsum("ij,ji->i", kt, cho_solve(factor, kt.T))
     np.testing.assert_allclose(ds["variance"].values, np.maximum(var, 0), rtol=1e-6, atol=1e-10)
+
+
+GPU_PROGRAM_CHECK = """
+import numpy as np
+from nngp_dist.kernels import Spec, fused
+
+rng = np.random.default_rng(5)
+x1 = rng.standard_normal((3, 8 * 8 * 2))
+x2 = np.concatenate([x1[:1], -x1[1:2], rng.standard_normal((1, 128)), np.zeros((1, 128))])
+nets = [({"depth": 3}, "nngp", {0: 0, 1: 1, 3: 2}), ({"depth": 3}, "ntk", {1: 0, 3: 1}),
+        ({"depth": 4, "skip_every": 2}, "ntk", None), ({"arch": "resnet32"}, "ntk", None)]
+for kw, kind, taps in nets:
+    spec = Spec(**{"arch": "conv", "weight_var": 1.6, "bias_var": 0.1, "kernel": kind,
+                   "image_shape": (8, 8, 2), **kw})
+    taps = taps or {spec.depth: 0}  # residual nets: at full depth only
+    for a, b, sym in ((x1, x2, False), (x1, x1, True)):
+        want = np.empty((len(taps), len(a), len(b)))
+        fused.conv_relu_cross(spec, a, b, taps, want, symmetric=sym)
+        got = np.full_like(want, np.nan)
+        assert fused.conv_relu_cross_gpu(spec, a, b, taps, got, symmetric=sym, threads=8)
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15, err_msg=f"{kw} {kind}")
+print("ok")
+"""
+
+
+def test_gpu_conv_program_in_the_cuda_simulator():
+    """The GPU kernel of the conv program (kernels._gpu_program: a thread block per pair, maps
+    in shared memory), run in numba's CUDA simulator on the CPU, against the CPU loop: plain,
+    residual and ResNet-32 nets, NNGP and NTK, taps at several depths, pairs of distinct,
+    identical, negated and zero images, and a set with itself (half the blocks, mirrored).
+    On a GPU machine, the backend tests above run it for real."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-c", GPU_PROGRAM_CHECK], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"

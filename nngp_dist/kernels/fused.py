@@ -36,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
 from .conv import ConvGeometry
 
-__all__ = ["ConvProgram", "applies", "conv_relu_cross", "dense_relu_cross", "warm"]
+__all__ = ["ConvProgram", "applies", "conv_relu_cross", "conv_relu_cross_gpu", "dense_relu_cross",
+           "warm"]  # fmt: skip
 
 _DEGREE = 12
 
@@ -150,6 +152,59 @@ def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, i
         np.empty((rows, cols)),
         out,
     )
+
+
+def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: Any, *,
+                        symmetric: bool = False, threads: int | None = None) -> bool:  # fmt: skip
+    """:func:`conv_relu_cross` on a GPU (``x1``, ``x2`` and ``out`` CuPy arrays): the
+    network's program in one kernel, a thread block per pair (:mod:`._gpu_program`).
+
+    Returns False, having done nothing, where the kernel cannot run: numba.cuda missing or
+    seeing no GPU, or a pair's maps too large for a block's shared memory (a ResNet-32 NTK on
+    32 x 32 images); the caller then goes layer by layer. The images' variance maps come from
+    the CPU loop's diagonal recursion (O(n) against the kernel's O(n^2)).
+    """
+    try:
+        from numba import cuda  # noqa: PLC0415
+    except ImportError:
+        return False
+    if not cuda.is_available():
+        return False
+    from . import _gpu_program as gpu  # noqa: PLC0415
+
+    ntk = spec.kernel == "ntk"
+    program = ConvProgram.of(spec, taps)
+    ops, geos, offsets = program.arrays()
+    n_maps = int(ops[:, 3].max()) + 1
+    h, w, channels = spec.image_shape
+    threads = threads or gpu.THREADS
+    shared = gpu.shared_bytes(n_maps, h * w, ntk, threads)
+    if shared > gpu.SHARED_BYTES:
+        return False
+    xp = backend.namespace(x1, x2, out)
+    alpha = _alpha(spec)
+    shrink = alpha + 0.5 * (1.0 - alpha) ** 2
+    rows, cols = program.scratch_shape()
+
+    def variances(x: Any) -> tuple[Any, Any]:
+        host = np.ascontiguousarray(backend.to_host(x), dtype=np.float64)
+        q, inv = _loops()._program_variances(
+            host.reshape(len(host), -1, channels), ops, geos, offsets, spec.weight_var,
+            spec.bias_var, shrink, np.zeros((len(geos), rows, cols)), np.empty((rows, cols)),
+            np.zeros((n_maps, h * w)),
+        )  # fmt: skip
+        return xp.asarray(q), xp.asarray(inv)
+
+    q1, inv1 = variances(x1)
+    q2, inv2 = (q1, inv1) if symmetric else variances(x2)
+    n1, n2 = len(x1), len(x2)
+    as_maps = [xp.ascontiguousarray(xp.asarray(x, dtype=xp.float64).reshape(len(x), -1, channels))
+               for x in (x1, x2)]  # fmt: skip
+    gpu.program_pairs[n1 * n2, threads, 0, shared](
+        *as_maps, *(xp.asarray(a) for a in (ops, geos, offsets)), q1, inv1, q2, inv2,
+        spec.weight_var, spec.bias_var, alpha, ntk, symmetric, n_maps, out,
+    )  # fmt: skip
+    return True
 
 
 class ConvProgram:

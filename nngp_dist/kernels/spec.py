@@ -263,6 +263,10 @@ class Spec:
             fused.conv_relu_cross(self, x1, x2, self._slots_by_depth(depths), out,
                                   symmetric=same)  # fmt: skip
             return out if depths is not None else out[0]
+        if (xp.__name__ == "cupy" and fused.applies(self)
+                and fused.conv_relu_cross_gpu(self, x1, x2, self._slots_by_depth(depths), out,
+                                              symmetric=same)):  # fmt: skip
+            return out if depths is not None else out[0]
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
         rows = max(1, pairs // cols)
