@@ -1,4 +1,4 @@
-"""CPU fast paths for (leaky) ReLU networks: the whole recursion per kernel entry in one
+"""Fast paths for (leaky) ReLU networks: the whole recursion per kernel entry in one
 compiled loop, for dense nets and for image nets with a flattening readout.
 
 The layer-by-layer path (:mod:`.layers`, :mod:`.nonlinearities`, :mod:`.conv`) makes several
@@ -13,9 +13,10 @@ cache, with ``arccos`` from a polynomial (below) that LLVM vectorises:
   residual sums, readouts) over the pair's (H, W) maps; about 5.5 ns per map entry against
   21 ns layer by layer (``benchmarks/RESULTS.md``).
 
-The layer-by-layer path stays the reference and the path for CuPy arrays, pooled networks and
-every other nonlinearity; the tests hold the two equal to 1e-12 and both to the Monte Carlo
-oracles.
+On GPUs the image nets' program runs as one numba.cuda kernel (:func:`conv_relu_cross_gpu`,
+:mod:`._gpu_program`). The layer-by-layer path stays the reference, and the path for dense nets
+on GPUs (where the Gram product dominates), pooled networks and every other nonlinearity; the
+tests hold the paths equal to 1e-12 and the reference to the Monte Carlo oracles.
 
 ``arccos``: with ``a = |x|``, ``arcsin`` on ``[0, 1/2]`` is ``a + a z P(z)`` with ``z = a^2``,
 and on ``(1/2, 1]`` ``arccos(a) = 2 arcsin(sqrt(z))`` with ``z = (1 - a) / 2`` (exact in
