@@ -29,7 +29,8 @@ for image nets; absent in stores made before it existed, which use the tile), ``
 ``created``, and ``stages`` (per stage: start, end, seconds, tiles computed).
 
 A tile is written first and its completion record second, so a process killed mid-write never
-leaves a tile counted as done. Workers write only their own tiles' chunks; only the client
+leaves a tile counted as done; on local stores the kernel stage writes tiles through
+:class:`~nngp_dist.workers.FlushingStore`, which puts them on disk before the record. Workers write only their own tiles' chunks; only the client
 writes attributes.
 """
 
