@@ -30,8 +30,8 @@ for image nets; absent in stores made before it existed, which use the tile), ``
 
 A tile is written first and its completion record second, so a process killed mid-write never
 leaves a tile counted as done; on local stores the kernel stage writes tiles through
-:class:`~nngp_dist.workers.FlushingStore`, which puts them on disk before the record. Workers write only their own tiles' chunks; only the client
-writes attributes.
+:class:`~nngp_dist.workers.FlushingStore`, which puts them on disk before the record.
+Workers write only their own tiles' chunks; only the client writes attributes.
 """
 
 from __future__ import annotations
