@@ -50,14 +50,21 @@ def _relu(k12, q1, q2, i1, i2, alpha, c):  # noqa: ANN001, ANN202
 
 @cuda.jit
 def program_pairs(x1, x2, ops, geos, offsets, q1, inv1, q2, inv2, w, b, alpha, ntk, symmetric,
-                  n_maps, out):  # fmt: skip  # noqa: ANN001, PLR0913
+                  variances, n_maps, out):  # fmt: skip  # noqa: ANN001, PLR0913
     """``out[slot, i, j]`` for the pair in block ``i * n2 + j``; launch with ``n1 * n2``
     blocks of a power-of-two number of threads and :func:`shared_bytes` of dynamic shared
     memory. ``symmetric`` (``x2`` is ``x1``): blocks below the diagonal return at once, and
-    the others write both ``(i, j)`` and ``(j, i)``."""
-    n2 = x2.shape[0]
-    i = cuda.blockIdx.x // n2
-    j = cuda.blockIdx.x % n2
+    the others write both ``(i, j)`` and ``(j, i)``.
+
+    ``variances``: instead, block ``i`` runs image ``i`` with itself as the diagonal recursion
+    (``_relu_loop._program_variances``), writing its variance map before each activation to
+    ``q1[i]`` and the inverse square root (inf for zero) to ``inv1[i]``; launch with ``n1``
+    blocks and ``ntk`` False. The pairs' patch sums then round exactly as these do."""
+    if variances:
+        i = j = cuda.blockIdx.x
+    else:
+        i = cuda.blockIdx.x // x2.shape[0]
+        j = cuda.blockIdx.x % x2.shape[0]
     if symmetric and j < i:
         return
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
@@ -107,6 +114,13 @@ def program_pairs(x1, x2, ops, geos, offsets, q1, inv1, q2, inv2, w, b, alpha, n
                 smem[kd + p] = kval
                 if ntk:
                     smem[t0 + kd + p] = kval if zero_ntk else scale * acct + kval
+        elif code == RELU and variances:  # an activation maps a variance v to shrink v
+            o = offsets[v]
+            for p in range(tid, size, nt):
+                q = smem[ka + p]
+                q1[i, o + p] = q
+                inv1[i, o + p] = 1.0 / math.sqrt(q) if q > 0.0 else math.inf
+                smem[kd + p] = (alpha + 0.5 * c) * q
         elif code == RELU:
             o = offsets[v]
             for p in range(tid, size, nt):
@@ -120,7 +134,7 @@ def program_pairs(x1, x2, ops, geos, offsets, q1, inv1, q2, inv2, w, b, alpha, n
                 smem[kd + p] = smem[ka + p] + smem[kb + p]
                 if ntk:
                     smem[t0 + kd + p] = smem[t0 + ka + p] + smem[t0 + kb + p]
-        else:  # TAP: the flatten readout of map a into out[v, i, j]
+        elif not variances:  # TAP: the flatten readout of map a into out[v, i, j]
             acc = 0.0
             acct = 0.0
             for p in range(tid, size, nt):

@@ -163,7 +163,8 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
     Returns False, having done nothing, where the kernel cannot run: numba.cuda missing or
     seeing no GPU, or a pair's maps too large for a block's shared memory (a ResNet-32 NTK on
     32 x 32 images); the caller then goes layer by layer. The images' variance maps come from
-    the CPU loop's diagonal recursion (O(n) against the kernel's O(n^2)).
+    the same kernel run as the diagonal recursion, so that its patch sums round exactly as the
+    pairs' do (an image paired with itself stays at rho = 1).
     """
     try:
         from numba import cuda  # noqa: PLC0415
@@ -184,27 +185,26 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
         return False
     xp = backend.namespace(x1, x2, out)
     alpha = _alpha(spec)
-    shrink = alpha + 0.5 * (1.0 - alpha) ** 2
-    rows, cols = program.scratch_shape()
+    maps = [xp.ascontiguousarray(xp.asarray(x, dtype=xp.float64).reshape(len(x), -1, channels))
+            for x in (x1, x2)]  # fmt: skip
+    total = int(offsets[-1])  # variance entries per image
+    ops, geos, offsets = (xp.asarray(a) for a in (ops, geos, offsets))
 
-    def variances(x: Any) -> tuple[Any, Any]:
-        host = np.ascontiguousarray(backend.to_host(x), dtype=np.float64)
-        q, inv = _loops()._program_variances(
-            host.reshape(len(host), -1, channels), ops, geos, offsets, spec.weight_var,
-            spec.bias_var, shrink, np.zeros((len(geos), rows, cols)), np.empty((rows, cols)),
-            np.zeros((n_maps, h * w)),
+    def launch(blocks: int, x1: Any, x2: Any, q: tuple, flags: tuple, out: Any) -> None:
+        gpu.program_pairs[blocks, threads, 0, shared](
+            x1, x2, ops, geos, offsets, *q, spec.weight_var, spec.bias_var, alpha, *flags,
+            n_maps, out,
         )  # fmt: skip
-        return xp.asarray(q), xp.asarray(inv)
 
-    q1, inv1 = variances(x1)
-    q2, inv2 = (q1, inv1) if symmetric else variances(x2)
-    n1, n2 = len(x1), len(x2)
-    as_maps = [xp.ascontiguousarray(xp.asarray(x, dtype=xp.float64).reshape(len(x), -1, channels))
-               for x in (x1, x2)]  # fmt: skip
-    gpu.program_pairs[n1 * n2, threads, 0, shared](
-        *as_maps, *(xp.asarray(a) for a in (ops, geos, offsets)), q1, inv1, q2, inv2,
-        spec.weight_var, spec.bias_var, alpha, ntk, symmetric, n_maps, out,
-    )  # fmt: skip
+    def variances(x: Any) -> tuple[Any, Any]:  # each image's, by the same kernel
+        q, inv = xp.empty((len(x), total)), xp.empty((len(x), total))
+        unused = xp.empty((1, 1))  # not q again: host arrays are copied back one by one
+        launch(len(x), x, x, (q, inv, unused, unused), (False, False, True), out)
+        return q, inv
+
+    q1, inv1 = variances(maps[0])
+    q2, inv2 = (q1, inv1) if symmetric else variances(maps[1])
+    launch(len(x1) * len(x2), *maps, (q1, inv1, q2, inv2), (ntk, symmetric, False), out)
     return True
 
 
