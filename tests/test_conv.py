@@ -389,6 +389,11 @@ def test_backends_agree_on_conv(xp, readout):
     got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:3])))
     np.testing.assert_allclose(got, spec.cross(x, x[:3]), rtol=1e-10)
     np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
+    # Each image with itself stays exactly at rho = 1 through every layer (on a GPU the
+    # compiler's fused multiply-adds must not move it): the cross form's diagonal is the
+    # diagonal recursion's, where the NTK's arccos would turn a rounding into ~1e-8.
+    square = to_host(spec.cross(xp.asarray(x), xp.asarray(x)))
+    np.testing.assert_allclose(np.diag(square), spec.diag(x), rtol=1e-13)
 
 
 @pytest.mark.parametrize("method", ["cholesky", "cg"])

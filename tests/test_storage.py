@@ -227,39 +227,53 @@ def test_a_python_nonlinearity_object_is_used_and_recorded(tmp_path, small_npz):
     assert not (tmp_path / "k2.zarr").exists()
 
 
-def test_flushed_tiles_read_back_with_plain_zarr(tmp_path):
-    """The kernel stage's store (workers.FlushingStore) writes large chunks its own way
-    (flushed, dropped from the page cache, renamed into place) and small ones as zarr does:
-    plain zarr reads both back, and no temporary file is left."""
-    from nngp_dist.workers import FlushingStore
+def test_flushed_tiles_read_back_with_plain_zarr(tmp_path, monkeypatch):
+    """The kernel stage's store (workers.FlushingStore) flushes every array chunk, large or
+    small, compressible or not, before renaming it into place, but not the completion records
+    (tiles/) or metadata; plain zarr reads everything back, and no temporary file is left."""
+    from nngp_dist import workers
 
+    flushed = []
+    real = workers.os.fdatasync
+    monkeypatch.setattr(workers.os, "fdatasync", lambda fd: flushed.append(fd) or real(fd))
     rng = np.random.default_rng(3)
-    big, small = rng.standard_normal((600, 600)), rng.standard_normal((5, 5))  # 2.9 MB, 200 B
-    group = zarr.open_group(FlushingStore(tmp_path / "s.zarr"), mode="w")
-    for name, a in (("big", big), ("small", small)):
+    arrays = {"big": rng.standard_normal((600, 600)), "small": rng.standard_normal((5, 5)),
+              "constant": np.full((300, 300), 7.0), "tiles/k": np.ones((2, 2))}  # fmt: skip
+    group = zarr.open_group(workers.FlushingStore(tmp_path / "s.zarr"), mode="w")
+    for name, a in arrays.items():
         group.create_array(name, shape=a.shape, chunks=a.shape, dtype="float64")[...] = a
+    assert len(flushed) == 3  # one chunk each, not the record's
     plain = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    np.testing.assert_array_equal(plain["big"][...], big)
-    np.testing.assert_array_equal(plain["small"][...], small)
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(plain[name][...], a)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
 
 
 def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkeypatch):
     """A write that fails on its way to disk raises, and the chunk keeps its previous value:
-    the temporary file is removed, never renamed into place."""
+    the temporary file is removed, never renamed into place. A file system that cannot flush
+    at all (EINVAL, as some FUSE mounts answer) still gets the chunk."""
     from nngp_dist import workers
 
-    old = np.random.default_rng(4).standard_normal((600, 600))  # incompressible: 2.9 MB
+    old = np.random.default_rng(4).standard_normal((60, 60))
     group = zarr.open_group(workers.FlushingStore(tmp_path / "s.zarr"), mode="w")
     arr = group.create_array("k", shape=old.shape, chunks=old.shape, dtype="float64")
     arr[...] = old
 
-    def full_disk(fd):
-        raise OSError(28, "No space left on device")
+    def failing(code, words):
+        def flush(fd):
+            raise OSError(code, words)
 
-    monkeypatch.setattr(workers.os, "fdatasync", full_disk, raising=False)
-    monkeypatch.setattr(workers.os, "fsync", full_disk)
+        return flush
+
+    for name in ("fdatasync", "fsync"):
+        monkeypatch.setattr(workers.os, name, failing(28, "No space left on device"),
+                            raising=False)  # fmt: skip
     with pytest.raises(OSError, match="No space left"):
         arr[...] = 2 * old
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], old)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+    for name in ("fdatasync", "fsync"):
+        monkeypatch.setattr(workers.os, name, failing(22, "Invalid argument"), raising=False)
+    arr[...] = 3 * old
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], 3 * old)

@@ -23,6 +23,7 @@ from numba import cuda
 from .fused import ADD, CONV, RELU
 
 THREADS = 128  # per block: a power of two (the tap's reduction halves it)
+MAX_ROWS = 65535  # a grid's y extent: rows of images per launch
 SHARED_BYTES = 48 * 1024  # dynamic shared memory a kernel may use without opting in
 _PI = math.pi
 _INV_2PI = 1.0 / (2.0 * math.pi)
@@ -37,8 +38,10 @@ def shared_bytes(n_maps: int, pixels: int, ntk: bool, threads: int = THREADS) ->
 def _relu(k12, q1, q2, i1, i2, alpha, c):  # noqa: ANN001, ANN202
     """``(F, Fdot)`` of (leaky) ReLU, as :func:`._relu_loop._relu` computes them (with the
     GPU's own arccos): rho exactly +-1 where ``q1 q2 - k12^2 <= 0``."""
-    d = q1 * q2 - k12 * k12
-    if d <= 0.0:
+    # Not q1 q2 - k12^2 <= 0: the GPU compiler fuses that into one multiply-add, whose exact
+    # residual is positive for half of the images paired with themselves (seen in the
+    # machine code); two rounded products compared keep rho = +-1 exact as the CPU does.
+    if q1 * q2 <= k12 * k12:
         if k12 >= 0.0:
             return (alpha + 0.5 * c) * k12, alpha + 0.5 * c
         return alpha * k12, alpha
@@ -48,23 +51,22 @@ def _relu(k12, q1, q2, i1, i2, alpha, c):  # noqa: ANN001, ANN202
     return alpha * k12 + c * _INV_2PI * (s + pmt * k12), alpha + c * _INV_2PI * pmt
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def program_pairs(x1, x2, ops, geos, offsets, q1, inv1, q2, inv2, w, b, alpha, ntk, symmetric,
                   variances, n_maps, out):  # fmt: skip  # noqa: ANN001, PLR0913
-    """``out[slot, i, j]`` for the pair in block ``i * n2 + j``; launch with ``n1 * n2``
-    blocks of a power-of-two number of threads and :func:`shared_bytes` of dynamic shared
-    memory. ``symmetric`` (``x2`` is ``x1``): blocks below the diagonal return at once, and
-    the others write both ``(i, j)`` and ``(j, i)``.
+    """``out[slot, i, j]`` for the pair in block ``(j, i)`` of a 2-D grid; launch with
+    ``(n2, n1)`` blocks of a power-of-two number of threads and :func:`shared_bytes` of
+    dynamic shared memory. ``symmetric`` (``x2`` is ``x1``): blocks below the diagonal
+    return at once, and the others write both ``(i, j)`` and ``(j, i)``.
 
     ``variances``: instead, block ``i`` runs image ``i`` with itself as the diagonal recursion
     (``_relu_loop._program_variances``), writing its variance map before each activation to
     ``q1[i]`` and the inverse square root (inf for zero) to ``inv1[i]``; launch with ``n1``
-    blocks and ``ntk`` False. The pairs' patch sums then round exactly as these do."""
+    blocks (a 1-D grid) and ``ntk`` False. The pairs' patch sums then round exactly as these do."""
     if variances:
         i = j = cuda.blockIdx.x
     else:
-        i = cuda.blockIdx.x // x2.shape[0]
-        j = cuda.blockIdx.x % x2.shape[0]
+        i, j = cuda.blockIdx.y, cuda.blockIdx.x
     if symmetric and j < i:
         return
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x

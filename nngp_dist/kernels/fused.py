@@ -161,8 +161,9 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
     network's program in one kernel, a thread block per pair (:mod:`._gpu_program`).
 
     Returns False, having done nothing, where the kernel cannot run: numba.cuda missing or
-    seeing no GPU, or a pair's maps too large for a block's shared memory (a ResNet-32 NTK on
-    32 x 32 images); the caller then goes layer by layer. The images' variance maps come from
+    seeing no GPU, a pair's maps too large for a block's shared memory (a ResNet-32 NTK on
+    32 x 32 images), or over 65,535 rows (a grid's extent); the caller then goes layer by
+    layer. The images' variance maps come from
     the same kernel run as the diagonal recursion, so that its patch sums round exactly as the
     pairs' do (an image paired with itself stays at rho = 1).
     """
@@ -181,8 +182,10 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
     h, w, channels = spec.image_shape
     threads = threads or gpu.THREADS
     shared = gpu.shared_bytes(n_maps, h * w, ntk, threads)
-    if shared > gpu.SHARED_BYTES:
+    if shared > gpu.SHARED_BYTES or len(x1) > gpu.MAX_ROWS:
         return False
+    if len(x1) == 0 or len(x2) == 0:  # a grid of no blocks is an error
+        return True
     xp = backend.namespace(x1, x2, out)
     alpha = _alpha(spec)
     maps = [xp.ascontiguousarray(xp.asarray(x, dtype=xp.float64).reshape(len(x), -1, channels))
@@ -190,7 +193,7 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
     total = int(offsets[-1])  # variance entries per image
     ops, geos, offsets = (xp.asarray(a) for a in (ops, geos, offsets))
 
-    def launch(blocks: int, x1: Any, x2: Any, q: tuple, flags: tuple, out: Any) -> None:
+    def launch(blocks: Any, x1: Any, x2: Any, q: tuple, flags: tuple, out: Any) -> None:
         gpu.program_pairs[blocks, threads, 0, shared](
             x1, x2, ops, geos, offsets, *q, spec.weight_var, spec.bias_var, alpha, *flags,
             n_maps, out,
@@ -204,7 +207,7 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
 
     q1, inv1 = variances(maps[0])
     q2, inv2 = (q1, inv1) if symmetric else variances(maps[1])
-    launch(len(x1) * len(x2), *maps, (q1, inv1, q2, inv2), (ntk, symmetric, False), out)
+    launch((len(x2), len(x1)), *maps, (q1, inv1, q2, inv2), (ntk, symmetric, False), out)
     return True
 
 
