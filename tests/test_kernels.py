@@ -202,6 +202,32 @@ def test_compiled_loop_on_a_set_with_itself(monkeypatch, kind):
     np.testing.assert_allclose(got[:, edge], want[:, edge], rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("arch", ["fc", "conv"])
+def test_compiled_loops_release_the_gil(arch):
+    """A worker's event loop (heartbeats, the dashboard, cancellation) must keep running while
+    a tile's compiled loop does: another thread runs Python while the loop is in flight.
+    Holding the GIL, an 8-layer ConvNet tile (about 15 s) made its worker deaf that long."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    if arch == "fc":
+        spec, x1, x2 = Spec(depth=40), rng.random((1500, 20)), rng.random((1500, 20))
+    else:
+        spec = Spec(arch="conv", depth=8, image_shape=(28, 28, 1))
+        x1, x2 = rng.random((48, 784)), rng.random((48, 784))
+    spec.cross(x1[:2], x2[:2])  # load the loop first
+    worker = threading.Thread(target=spec.cross, args=(x1, x2))
+    worker.start()
+    time.sleep(0.02)
+    ticks = 0
+    while worker.is_alive() and ticks < 5:
+        ticks += 1
+        time.sleep(0.001)
+    worker.join()
+    assert ticks == 5, "the compiled loop held the GIL for its whole run"
+
+
 def test_compiled_loops_load_where_the_install_and_home_are_read_only(tmp_path):
     """Numba refuses to cache (and so to load) the loops where neither the package folder nor
     the user's cache folder is writable; the loops then cache in the temporary directory."""

@@ -64,7 +64,7 @@ def _relu(k12, q1, q2, i1, i2, alpha, c):  # noqa: ANN001, ANN202
     return f, alpha + c * _INV_2PI * pmt
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def arccos(x: np.ndarray, out: np.ndarray) -> None:
     """Elementwise :func:`_arccos` (for the tests)."""
     for i in range(x.size):
@@ -82,7 +82,7 @@ def _mirror_upper(a):  # noqa: ANN001, ANN202
                     a[r, col] = a[col, r]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, symmetric, out):  # noqa: ANN001, PLR0913
     """Dense layer, then ``depth`` x (leaky ReLU, dense layer), for every entry of ``gram``.
 
@@ -178,7 +178,7 @@ def _pixel_covariance(x1, i, x2, j, out):  # noqa: ANN001
         out[p] = acc / channels
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):  # noqa: ANN001, PLR0913
     """Each image's pre-activation variance map before each activation of the program, and
     its inverse square root (inf where it is zero), flat at ``offsets[var]``: the diagonal
@@ -208,7 +208,7 @@ def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):
     return var, inv
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, symmetric, pads, rowsum, out):  # noqa: ANN001, E501, PLR0913
     """The GP/NTK of a (leaky) ReLU ConvNet with a flattening dense readout, for every pair of
     images of ``x1`` (n1, pixels, channels) and ``x2``, running the network's program ``ops``.
