@@ -33,7 +33,7 @@ class JobError(RuntimeError):
 
 @functools.lru_cache(maxsize=6)
 def _rows(url: str, token: str, part: str, sel: tuple[int, int]) -> np.ndarray:
-    x = workers.open_group(url, token)[f"x_{part}"][sel[0] : sel[1]]
+    x = workers.open_group(url, token, flush=True)[f"x_{part}"][sel[0] : sel[1]]  # run_tile's
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64)
 
 

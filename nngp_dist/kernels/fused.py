@@ -127,13 +127,14 @@ def dense_relu_cross(spec: Any, gram: np.ndarray, var1: np.ndarray, var2: np.nda
 
 
 def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, int],
-                    out: np.ndarray, *, symmetric: bool = False) -> None:  # fmt: skip
+                    out: np.ndarray, *, symmetric: bool = False) -> bool:  # fmt: skip
     """Fill ``out[slot]`` with an image network's kernel after each depth ``d`` whose slot is
     ``taps[d]`` (residual networks: at full depth only), for the images in the rows of ``x1``
     (n1, H W C) and ``x2`` (n2, H W C).
 
     ``spec`` is an image spec for which :func:`applies` holds; ``out`` is (len(taps), n1, n2).
     ``symmetric``: ``x2`` holds the same images as ``x1``; half the pairs are evaluated.
+    Returns True (it always runs), as :func:`conv_relu_cross_gpu` returns whether it ran.
     """
     program = ConvProgram.of(spec, taps)
     ops, geos, offsets = program.arrays()
@@ -153,6 +154,7 @@ def conv_relu_cross(spec: Any, x1: np.ndarray, x2: np.ndarray, taps: dict[int, i
         np.empty((rows, cols)),
         out,
     )
+    return True
 
 
 def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: Any, *,
@@ -163,9 +165,9 @@ def conv_relu_cross_gpu(spec: Any, x1: Any, x2: Any, taps: dict[int, int], out: 
     Returns False, having done nothing, where the kernel cannot run: numba.cuda missing or
     seeing no GPU, a pair's maps too large for a block's shared memory (a ResNet-32 NTK on
     32 x 32 images), or over 65,535 rows (a grid's extent); the caller then goes layer by
-    layer. The images' variance maps come from
-    the same kernel run as the diagonal recursion, so that its patch sums round exactly as the
-    pairs' do (an image paired with itself stays at rho = 1).
+    layer. The images' variance maps come from the same kernel run as the diagonal
+    recursion, so that their patch sums round exactly as the pairs' do (an image paired with
+    itself stays at rho = 1).
     """
     try:
         from numba import cuda  # noqa: PLC0415

@@ -73,9 +73,6 @@ class Nonlinearity:
 
 
 def _relu_moments(k12: Any, k11: Any, k22: Any, need_dot: bool) -> tuple[Any, Any]:
-    # Cho & Saul (2009), arc-cosine kernel of degree 1, in the stable arctan2 form:
-    # sqrt(k11 k22) (sin t + (pi - t) cos t) / (2 pi) = (s + (pi - t) k12) / (2 pi),
-    # with s = sqrt(k11 k22 - k12^2) = sqrt(k11 k22) sin t.
     return _leaky_relu_moments(k12, k11, k22, need_dot, 0.0)
 
 
@@ -84,8 +81,11 @@ def _leaky_relu_moments(
 ) -> tuple[Any, Any]:
     """``F`` and ``Fdot`` of leaky ReLU (ReLU: ``alpha = 0``); see :func:`leaky_relu`.
 
-    NumPy: about ten array passes. CuPy: one fused GPU pass (:data:`RELU_CUDA_BODY`), so a
-    ConvNet's ReLU step reads its three maps once and writes its one or two once."""
+    ReLU's is the arc-cosine kernel of degree 1 (Cho & Saul 2009) in the stable arctan2
+    form: ``sqrt(k11 k22) (sin t + (pi - t) cos t) / (2 pi) = (s + (pi - t) k12) / (2 pi)``
+    with ``s = sqrt(k11 k22 - k12^2) = sqrt(k11 k22) sin t``. NumPy: about ten array passes.
+    CuPy: one fused GPU pass (:data:`RELU_CUDA_BODY`), so a ConvNet's ReLU step reads its
+    three maps once and writes its one or two once."""
     xp = backend.namespace(k12, k11, k22)
     if not xp.broadcast_shapes(xp.shape(k12), xp.shape(k11), xp.shape(k22)):  # all 0-d
         f, fdot = _leaky_relu_moments(

@@ -259,14 +259,10 @@ class Spec:
         program = self._program(depths)
         n1, n2 = len(x1), len(x2)
         out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
-        if xp.__name__ == "numpy" and fused.applies(self):
-            fused.conv_relu_cross(self, x1, x2, self._slots_by_depth(depths), out,
-                                  symmetric=same)  # fmt: skip
-            return out if depths is not None else out[0]
-        if (xp.__name__ == "cupy" and fused.applies(self)
-                and fused.conv_relu_cross_gpu(self, x1, x2, self._slots_by_depth(depths), out,
-                                              symmetric=same)):  # fmt: skip
-            return out if depths is not None else out[0]
+        if fused.applies(self):  # the compiled program: a CPU loop, or a GPU kernel if it fits
+            run = fused.conv_relu_cross if xp.__name__ == "numpy" else fused.conv_relu_cross_gpu
+            if run(self, x1, x2, self._slots_by_depth(depths), out, symmetric=same):
+                return out if depths is not None else out[0]
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
         rows = max(1, pairs // cols)
