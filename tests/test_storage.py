@@ -14,6 +14,7 @@ import zarr
 
 import nngp_dist
 from nngp_dist import KernelStore, Spec, UserError
+from nngp_dist.storage import COMPRESSORS
 
 SPEC = {"depth": 3, "weight_var": 1.45, "bias_var": 0.28}
 
@@ -249,6 +250,76 @@ def test_flushed_tiles_read_back_with_plain_zarr(tmp_path, monkeypatch):
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
 
 
+def _takes_o_direct(folder: Path) -> bool:
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        return False
+    finally:
+        (folder / "probe").unlink(missing_ok=True)
+    return True
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("refuse", [None, "open", "write"])
+def test_direct_chunks_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, refuse):
+    """FlushingStore writes array chunks with O_DIRECT where the file system takes it, and
+    through the page cache where it refuses O_DIRECT at open (tmpfs) or at the first write.
+    Either way every chunk file (of sizes that are and are not multiples of the 4096-byte
+    block) is byte for byte the file plain zarr writes, and no temporary file is left."""
+    from nngp_dist import workers
+
+    real_open, real_write = os.open, os.write
+    direct: set[int] = set()
+    written = []
+
+    def spy_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT and refuse == "open":
+            raise OSError(22, "Invalid argument")
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct.add(fd)
+        return fd
+
+    def spy_write(fd, data):
+        if fd in direct:
+            if refuse == "write":
+                raise OSError(22, "Invalid argument")
+            written.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(workers.os, "open", spy_open)
+    monkeypatch.setattr(workers.os, "write", spy_write)
+    rng = np.random.default_rng(5)
+    arrays = {"big": rng.standard_normal((700, 700)), "small": rng.standard_normal((3, 3)),
+              "block": rng.standard_normal(512),
+              "ramp": np.arange(40000.0).reshape(200, 200)}  # fmt: skip
+    roots = {"flushing": tmp_path / "f.zarr", "plain": tmp_path / "p.zarr"}
+    for kind, root in roots.items():
+        store = workers.FlushingStore(root) if kind == "flushing" else str(root)
+        group = zarr.open_group(store, mode="w")
+        for name, a in arrays.items():
+            chunks = (350, 350) if name == "big" else a.shape
+            codecs = None if name == "block" else COMPRESSORS  # 4096 bytes exactly
+            group.create_array(name, shape=a.shape, chunks=chunks, dtype="float64",
+                               compressors=codecs)[...] = a  # fmt: skip
+    chunks = sorted(p.relative_to(roots["plain"]) for p in roots["plain"].rglob("c/*"))
+    chunks += sorted(p.relative_to(roots["plain"]) for p in roots["plain"].rglob("c/*/*"))
+    assert len(chunks) >= 7
+    sizes = set()
+    for rel in chunks:
+        if (roots["plain"] / rel).is_file():
+            ours, theirs = (roots[k] / rel for k in ("flushing", "plain"))
+            assert ours.read_bytes() == theirs.read_bytes(), rel
+            sizes.add(ours.stat().st_size % 4096 == 0)
+    assert sizes == {True, False}
+    assert not list(roots["flushing"].rglob("*.partial"))
+    if refuse is None and _takes_o_direct(tmp_path):
+        assert len(written) >= 7 and all(n % 4096 == 0 for n in written)
+    else:
+        assert not written
+
+
 def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkeypatch):
     """A write that fails on its way to disk raises, and the chunk keeps its previous value:
     the temporary file is removed, never renamed into place. A file system that cannot flush
@@ -261,7 +332,7 @@ def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkey
     arr[...] = old
 
     def failing(code, words):
-        def flush(fd):
+        def flush(*args):
             raise OSError(code, words)
 
         return flush
@@ -277,3 +348,11 @@ def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkey
         monkeypatch.setattr(workers.os, name, failing(22, "Invalid argument"), raising=False)
     arr[...] = 3 * old
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], 3 * old)
+    if not hasattr(os, "O_DIRECT") or not _takes_o_direct(tmp_path):
+        return
+    # A full disk met by the O_DIRECT write itself, not by the flush.
+    monkeypatch.setattr(workers.os, "write", failing(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        arr[...] = 4 * old
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], 3 * old)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))
