@@ -289,7 +289,7 @@ def test_kernel_several_times_larger_than_worker_memory(tmp_path):
     300 in a fresh virtualenv, and Dask pauses a worker at 80% of its limit: at 400 MB a fresh
     install's workers sat paused from the start); the whole job (kernel, factor, solve,
     predict) completes and no worker's peak RSS passes its limit."""
-    from nngp_dist.cluster import connect
+    from nngp_dist.cluster import WORKER_ENV, connect
 
     rng = np.random.default_rng(9)
     n = 13_000
@@ -302,6 +302,8 @@ def test_kernel_several_times_larger_than_worker_memory(tmp_path):
         data = f"npz:{tmp_path / 'd.npz'}"
         report = jobs.run(store, dataset=data, noise=1e-3, client=c, progress=False, **options)
         peaks = c.run(_peak_rss)
+        environ = c.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV})
+    assert all(env == WORKER_ENV for env in environ.values()), environ  # one malloc arena
     assert n * n * 8 > 2.5 * limit
     assert max(peaks.values()) < limit, peaks
     assert report["n_train"] == n and KernelStore.open(store).status()["stage"] == "done"

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client
 
     from nngp_dist import UserError
+    from nngp_dist.cluster import WORKER_ENV
 
     processes = args.processes or args.cores
     cluster = SLURMCluster(
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         account=args.account,
         interface=args.interface,
         local_directory=args.local_directory,
-        job_script_prologue=args.prologue,
+        # One malloc heap per worker process, as the embedded cluster has (cluster.WORKER_ENV).
+        job_script_prologue=[f"export {k}={v}" for k, v in WORKER_ENV.items()] + args.prologue,
         job_extra_directives=args.extra_directive,
     )
     try:
