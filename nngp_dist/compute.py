@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import zarr
 
 from . import backend, workers
 from .kernels import Spec
@@ -79,7 +80,12 @@ def run_tile(
             f"{tile}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
             f"{dtype} (spec {spec.to_json()}); nothing was recorded for this tile"
         )
-    group[tile.array][target] = values
+    # Written without zarr's pass over the chunk looking for an all-fill (NaN) one, which the
+    # tile, just found finite, is not: 8 ms of a 2000 x 2000 tile's 45 ms write. (The array's
+    # config is read when it is opened; Array.with_config is not in every zarr 3.)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        array = group[tile.array]
+    array[target] = values
     seconds = time.perf_counter() - start
     group[f"tiles/{tile.array}"][tile.index] = max(seconds, 1e-9)
     return seconds
