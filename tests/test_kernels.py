@@ -358,7 +358,11 @@ def test_fused_gpu_relu_body_compiled_as_c_equals_numpy(tmp_path):
         run(ctypes.c_long(400), *args, ctypes.c_double(alpha), ctypes.c_double(c),
             f.ctypes.data_as(ptr), fdot.ctypes.data_as(ptr))  # fmt: skip
         want_f, want_dot = leaky_relu(alpha).moments(k12, k11, k22, True)
-        np.testing.assert_allclose(f, want_f, rtol=1e-15, atol=1e-300)
+        # F's terms are of the size of sqrt(k11 k22) and cancel near rho = -1, where F is
+        # small: there a last-bit difference of the two arctangents (libm's here, NumPy's
+        # SIMD one on AVX-512 machines) is a few 1e-15 of F. Bounded on the terms' scale.
+        err = np.abs(f - want_f)
+        assert (err <= 1e-15 * (np.abs(want_f) + np.sqrt(k11 * k22))).all(), err.max()
         np.testing.assert_allclose(fdot, want_dot, rtol=1e-15, atol=0)
 
 
