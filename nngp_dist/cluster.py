@@ -22,7 +22,8 @@ __all__ = ["WORKER_ENV", "connect"]
 # share one heap, whose freed memory stays mapped and is reused, instead of a heap each (of
 # 64 MiB pieces, unmapped as soon as they are empty) that faults in the next tile's buffers
 # afresh. Measured on the FC kernel stage at N = 10,000 (benchmarks/RESULTS.md): 1.61-1.75 s
-# against 1.67-1.94 s.
+# against 1.67-1.94 s. (Dask's nanny puts these variables in the spawning process's own
+# environment too, as it does its MALLOC_TRIM_THRESHOLD_ and OMP_NUM_THREADS.)
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -36,6 +37,20 @@ class JobError(RuntimeError):
 def _rows(url: str, token: str, part: str, sel: tuple[int, int]) -> np.ndarray:
     x = workers.open_group(url, token, flush=True)[f"x_{part}"][sel[0] : sel[1]]  # run_tile's
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64)
+
+
+_CONFIG_LOCK = threading.Lock()
+
+
+def _whole_tiles(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]`` for writing whole tiles: without zarr's pass over each chunk looking for
+    an all-fill (NaN) one, which a tile just found finite is not (8 ms of a 2000 x 2000 tile's
+    45 ms write). An array's config is read from zarr's global one when it is opened
+    (``Array.with_config`` is in zarr 3.1.6 only); the lock keeps a worker's threads from
+    restoring each other's setting. An array another thread opens meanwhile may write an
+    all-fill chunk it would have skipped, which costs only disk."""
+    with _CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True}):
+        return group[name]
 
 
 def _on_device(x: np.ndarray, use_gpu: bool) -> Any:
@@ -80,12 +95,7 @@ def run_tile(
             f"{tile}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
             f"{dtype} (spec {spec.to_json()}); nothing was recorded for this tile"
         )
-    # Written without zarr's pass over the chunk looking for an all-fill (NaN) one, which the
-    # tile, just found finite, is not: 8 ms of a 2000 x 2000 tile's 45 ms write. (The array's
-    # config is read when it is opened; Array.with_config is not in every zarr 3.)
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        array = group[tile.array]
-    array[target] = values
+    _whole_tiles(group, tile.array)[target] = values
     seconds = time.perf_counter() - start
     group[f"tiles/{tile.array}"][tile.index] = max(seconds, 1e-9)
     return seconds

@@ -159,6 +159,7 @@ def _put_direct(tmp: Path, data: memoryview) -> bool:
         with _aligned_buffer(padded) as buf, memoryview(buf) as view:
             buf.seek(0)
             buf.write(data)
+            view[n:padded] = bytes(padded - n)  # not the previous chunk's bytes, even on disk
             done = 0
             while done < padded:
                 try:
@@ -166,8 +167,8 @@ def _put_direct(tmp: Path, data: memoryview) -> bool:
                 except OSError as e:
                     if done or e.errno not in _UNSUPPORTED:
                         raise
-                    os.close(fd)  # refused at the first write: write it through the cache
-                    fd = -1
+                    closing, fd = fd, -1  # refused at the first write: through the cache
+                    os.close(closing)
                     tmp.unlink(missing_ok=True)
                     return False
         os.ftruncate(fd, n)
@@ -214,7 +215,8 @@ def _aligned_buffer(size: int) -> Iterator[mmap.mmap]:
         if buf is not None:
             _POOL.remove(buf)
     if buf is None:  # room for chunks up to 1/8 larger (compressed sizes vary), in whole MiB
-        buf = mmap.mmap(-1, max(-(-(size + size // 8) // (1 << 20)) << 20, _ALIGN))
+        capacity = max(-(-(size + size // 8) // (1 << 20)) << 20, _ALIGN)
+        buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)  # private anonymous memory
     try:
         yield buf
     finally:

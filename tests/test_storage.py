@@ -288,6 +288,7 @@ def test_direct_chunks_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, refuse
             written.append(len(data))
         return real_write(fd, data)
 
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     monkeypatch.setattr(workers.os, "open", spy_open)
     monkeypatch.setattr(workers.os, "write", spy_write)
     rng = np.random.default_rng(5)
@@ -314,6 +315,7 @@ def test_direct_chunks_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, refuse
             sizes.add(ours.stat().st_size % 4096 == 0)
     assert sizes == {True, False}
     assert not list(roots["flushing"].rglob("*.partial"))
+    assert fds is None or len(os.listdir("/proc/self/fd")) == fds  # every file closed
     if refuse is None and _takes_o_direct(tmp_path):
         assert len(written) >= 7 and all(n % 4096 == 0 for n in written)
     else:
