@@ -150,7 +150,8 @@ def _put_direct(tmp: Path, data: memoryview) -> bool:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o666)
     except OSError as e:
-        if e.errno in _UNSUPPORTED:
+        if e.errno in _UNSUPPORTED:  # Linux may have created the file before refusing
+            tmp.unlink(missing_ok=True)
             return False
         raise
     try:
