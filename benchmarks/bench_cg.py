@@ -33,22 +33,41 @@ def main() -> None:
     a = p.parse_args()
     store = str(Path(tempfile.mkdtemp()) / "k.zarr")
     with connect(workers=2) as c:
-        jobs.kernel(store, dataset="fashion-mnist", train_size=a.n, test_size=10, tile_size=a.tile,
-                    depth=3, weight_var=1.45, bias_var=0.28, client=c, progress=False)  # fmt: skip
+        jobs.kernel(
+            store,
+            dataset="fashion-mnist",
+            train_size=a.n,
+            test_size=10,
+            tile_size=a.tile,
+            depth=3,
+            weight_var=1.45,
+            bias_var=0.28,
+            client=c,
+            progress=False,
+        )
         ks = KernelStore.open(store, "r+")
-        t = targets(ks.group["y_train"][...], 10)
-        mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
+        t = targets(ks.read("y_train"), 10)
+        mean_diag = ks.mean_diag()
         for noise in a.noise:
             for precond in ("none", "block-jacobi", "nystrom"):
                 start = time.perf_counter()
                 system = StoreSystem(ks, c, noise * mean_diag, precond=precond)
                 _, log = system.solve(t, tol=a.tol, maxiter=a.maxiter)
-                print(json.dumps({
-                    "n": a.n, "tile": a.tile, "noise": noise, "preconditioner": precond,
-                    "iterations": log["iterations"], "converged": log["converged"],
-                    "true_residual": log["true_residual"],
-                    "seconds": round(time.perf_counter() - start, 2),
-                }), flush=True)  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "n": a.n,
+                            "tile": a.tile,
+                            "noise": noise,
+                            "preconditioner": precond,
+                            "iterations": log["iterations"],
+                            "converged": log["converged"],
+                            "true_residual": log["true_residual"],
+                            "seconds": round(time.perf_counter() - start, 2),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,14 @@ import numpy as np
 from nngp_dist import KernelStore, jobs, open_store
 from nngp_dist.cluster import connect
 
-SPEC = {"arch": "conv", "depth": 8, "filter_size": 3, "padding": "same", "weight_var": 2.0,
-        "bias_var": 0.05}  # fmt: skip
+SPEC = {
+    "arch": "conv",
+    "depth": 8,
+    "filter_size": 3,
+    "padding": "same",
+    "weight_var": 2.0,
+    "bias_var": 0.05,
+}
 
 
 def main() -> None:
@@ -47,14 +53,31 @@ def main() -> None:
     store = str(folder / "k.zarr")
     with connect(workers=a.workers) as c:
         start = time.perf_counter()
-        jobs.kernel(store, dataset=f"npz:{data}", tile_size=a.tile, device=a.device,
-                    kernel=a.kernel, client=c, progress=False, **SPEC)  # fmt: skip
+        jobs.kernel(
+            store,
+            dataset=f"npz:{data}",
+            tile_size=a.tile,
+            device=a.device,
+            kernel=a.kernel,
+            client=c,
+            progress=False,
+            **SPEC,
+        )
         ours = time.perf_counter() - start
-    row = {"impl": "nngp_dist", "n": a.n, "tile": a.tile, "workers": a.workers,
-           "device": a.device, "kernel": a.kernel, "seconds": round(ours, 2),
-           "entries_per_s": a.n**2 / ours, "date": time.strftime("%Y-%m-%d"),
-           "tile_seconds_mean": float(np.nanmean(
-               KernelStore.open(store).tile_seconds("k_train_train")))}  # fmt: skip
+    row = {
+        "impl": "nngp_dist",
+        "n": a.n,
+        "tile": a.tile,
+        "workers": a.workers,
+        "device": a.device,
+        "kernel": a.kernel,
+        "seconds": round(ours, 2),
+        "entries_per_s": a.n**2 / ours,
+        "date": time.strftime("%Y-%m-%d"),
+        "tile_seconds_mean": float(
+            np.nanmean(KernelStore.open(store).tile_seconds("k_train_train"))
+        ),
+    }
     print(json.dumps(row), flush=True)
     if not os.path.exists(a.nt_python):
         print(json.dumps({"impl": "neural-tangents", "skipped": f"no {a.nt_python}"}))
@@ -62,20 +85,41 @@ def main() -> None:
     saved = folder / "nt.npy"
     script = Path(__file__).with_name("nt_baseline.py")
     out = subprocess.run(
-        [a.nt_python, str(script), "--arch", "conv", "--n", str(a.n), "--depth", "8",
-         "--weight-var", str(SPEC["weight_var"]), "--bias-var", str(SPEC["bias_var"]),
-         "--kernel", a.kernel, "--repeat", "1", "--save", str(saved)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            a.nt_python,
+            str(script),
+            "--arch",
+            "conv",
+            "--n",
+            str(a.n),
+            "--depth",
+            "8",
+            "--weight-var",
+            str(SPEC["weight_var"]),
+            "--bias-var",
+            str(SPEC["bias_var"]),
+            "--kernel",
+            a.kernel,
+            "--repeat",
+            "1",
+            "--save",
+            str(saved),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     nt = json.loads(out.stdout.strip().splitlines()[-1])
     k_nt = np.load(saved)
     k_ours = open_store(store)["k_train_train"].values
     nt["max_rel_diff_vs_nngp_dist"] = float(np.abs(k_nt - k_ours).max() / np.abs(k_nt).max())
     print(json.dumps(nt), flush=True)
-    print(f"nngp_dist {row['entries_per_s'] / 1e3:.1f} k entries/s, neural-tangents "
-          f"{nt['entries_per_s'] / 1e3:.1f} k entries/s: ratio "
-          f"{row['entries_per_s'] / nt['entries_per_s']:.2f}; kernels agree to "
-          f"{nt['max_rel_diff_vs_nngp_dist']:.1e}")  # fmt: skip
+    print(
+        f"nngp_dist {row['entries_per_s'] / 1e3:.1f} k entries/s, neural-tangents "
+        f"{nt['entries_per_s'] / 1e3:.1f} k entries/s: ratio "
+        f"{row['entries_per_s'] / nt['entries_per_s']:.2f}; kernels agree to "
+        f"{nt['max_rel_diff_vs_nngp_dist']:.1e}"
+    )
 
 
 if __name__ == "__main__":

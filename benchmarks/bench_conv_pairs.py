@@ -60,13 +60,15 @@ def main() -> None:
     x1, x2 = x[: args.n], x[args.n :]
     sync, host = (lambda: None), np.asarray
     if args.device == "gpu":
-        import cupy  # noqa: PLC0415
+        import cupy
 
         x1, x2 = cupy.asarray(x1), cupy.asarray(x2)
         sync, host = cupy.cuda.Device().synchronize, cupy.asnumpy
     pairs = args.n * args.n
-    print(f"| network ({args.device}) | compiled us/pair | ns/entry | layer by layer us/pair | "
-          "ratio | max diff | 60k + 10k, compiled |")  # fmt: skip
+    print(
+        f"| network ({args.device}) | compiled us/pair | ns/entry | layer by layer us/pair | "
+        "ratio | max diff | 60k + 10k, compiled |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.nets:
         spec = Spec(weight_var=2.0, bias_var=0.05, image_shape=(28, 28, 1), **NETS[name])
@@ -81,9 +83,11 @@ def main() -> None:
         got, want = host(got), host(want)
         diff = float(np.max(np.abs(got - want) / np.abs(want)))
         entries = spec.map_entries_per_pair()
-        print(f"| {name} | {fast / pairs * 1e6:.2f} | {fast / pairs / entries * 1e9:.3f} | "
-              f"{slow / pairs * 1e6:.2f} | {slow / fast:.2f} | {diff:.1e} | "
-              f"{fast / pairs * MNIST_PAIRS / 3600:.2f} h |")  # fmt: skip
+        print(
+            f"| {name} | {fast / pairs * 1e6:.2f} | {fast / pairs / entries * 1e9:.3f} | "
+            f"{slow / pairs * 1e6:.2f} | {slow / fast:.2f} | {diff:.1e} | "
+            f"{fast / pairs * MNIST_PAIRS / 3600:.2f} h |"
+        )
 
 
 if __name__ == "__main__":

@@ -147,8 +147,14 @@ def main() -> None:
     def record(name: str, seconds: float | None, **extra: object) -> None:
         if seconds is None:
             return
-        row = {"impl": name, "n": n, "depth": depth, "seconds": round(seconds, 3),
-               "entries_per_s": entries / seconds, **extra}  # fmt: skip
+        row = {
+            "impl": name,
+            "n": n,
+            "depth": depth,
+            "seconds": round(seconds, 3),
+            "entries_per_s": entries / seconds,
+            **extra,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -159,38 +165,59 @@ def main() -> None:
             blocks = math.ceil(n / tile)
             upper = blocks * (blocks + 1) // 2 * tile * tile  # entries in the upper tiles
             floor = 2.0 * upper * x.shape[1] / rate + depth * upper * per_entry / a.workers
-            record("floor", floor, tile=tile, round=r, gemm_gflops=round(rate / 1e9, 1),
-                   relu_ns_per_entry=round(per_entry * 1e9, 1))  # fmt: skip
-            record("nngp_dist", engine(x, depth, tile, a.workers), tile=tile, round=r,
-                   workers=a.workers)  # fmt: skip
+            record(
+                "floor",
+                floor,
+                tile=tile,
+                round=r,
+                gemm_gflops=round(rate / 1e9, 1),
+                relu_ns_per_entry=round(per_entry * 1e9, 1),
+            )
+            record(
+                "nngp_dist",
+                engine(x, depth, tile, a.workers),
+                tile=tile,
+                round=r,
+                workers=a.workers,
+            )
         if os.path.exists(a.nt_python):
             record("neural-tangents", neural_tangents(a.nt_python, n, depth), round=r)
     if not a.skip_naive:
         record("naive-numpy", naive(x, depth))
 
-    print(f"\n{platform.node()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, N={n}, "
-          f"depth {depth}, float64")  # fmt: skip
-    print("| round | nngp_dist best (tile) | neural-tangents | speed-up | floor | "
-          "nngp_dist / floor |")  # fmt: skip
+    print(
+        f"\n{platform.node()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, N={n}, "
+        f"depth {depth}, float64"
+    )
+    print(
+        "| round | nngp_dist best (tile) | neural-tangents | speed-up | floor | nngp_dist / floor |"
+    )
     print("|---|---|---|---|---|---|")
     summary = []
     for r in range(a.rounds):
         mine = [x for x in rows if x["impl"] == "nngp_dist" and x.get("round") == r]
         best = min(mine, key=lambda x: x["seconds"])
-        floor = next(x for x in rows if x["impl"] == "floor" and x.get("round") == r
-                     and x["tile"] == best["tile"])  # fmt: skip
+        floor = next(
+            x
+            for x in rows
+            if x["impl"] == "floor" and x.get("round") == r and x["tile"] == best["tile"]
+        )
         nt = next((x for x in rows if x["impl"] == "neural-tangents" and x["round"] == r), None)
         speedup = nt["seconds"] / best["seconds"] if nt else math.nan
         summary.append((speedup, best["seconds"] / floor["seconds"]))
-        print(f"| {r + 1} | {best['seconds']:.2f} s ({best['tile']}) | "
-              f"{nt['seconds'] if nt else math.nan:.2f} s | {speedup:.2f}x | "
-              f"{floor['seconds']:.2f} s | {summary[-1][1]:.2f} |")  # fmt: skip
+        print(
+            f"| {r + 1} | {best['seconds']:.2f} s ({best['tile']}) | "
+            f"{nt['seconds'] if nt else math.nan:.2f} s | {speedup:.2f}x | "
+            f"{floor['seconds']:.2f} s | {summary[-1][1]:.2f} |"
+        )
     naive_row = next((x for x in rows if x["impl"] == "naive-numpy"), None)
     if naive_row:
         print(f"\nnaive in-memory NumPy: {naive_row['seconds']:.2f} s")
     speedups, floors = zip(*summary)
-    print(f"\nmedian round: {np.median(speedups):.2f}x neural-tangents, "
-          f"{np.median(floors):.2f}x the floor's time")  # fmt: skip
+    print(
+        f"\nmedian round: {np.median(speedups):.2f}x neural-tangents, "
+        f"{np.median(floors):.2f}x the floor's time"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ def main() -> None:
     p.add_argument("--json", default=None, help="Also write the record here.")
     a = p.parse_args()
 
-    spec_kw = {"depth": a.depth, "weight_var": a.weight_var, "bias_var": a.bias_var,
-               "kernel": a.kernel}  # fmt: skip
+    spec_kw = {
+        "depth": a.depth,
+        "weight_var": a.weight_var,
+        "bias_var": a.bias_var,
+        "kernel": a.kernel,
+    }
     n, m = a.train_size, a.test_size
     cores = os.cpu_count() or 1
     gemm = gemm_rate()
@@ -88,27 +92,45 @@ def main() -> None:
     Path(a.store).parent.mkdir(parents=True, exist_ok=True)
     with connect(workers=a.workers, memory_limit=a.memory_limit) as c:
         start = time.perf_counter()
-        report = jobs.run(a.store, dataset=a.dataset, train_size=n, test_size=m, noise=a.noise,
-                          client=c, progress=False, **spec_kw)  # fmt: skip
+        report = jobs.run(
+            a.store,
+            dataset=a.dataset,
+            train_size=n,
+            test_size=m,
+            noise=a.noise,
+            client=c,
+            progress=False,
+            **spec_kw,
+        )
         wall = time.perf_counter() - start
         workers = sorted(c.run(peak_rss).values())
     meta = nngp_dist.KernelStore.open(a.store).meta
     stages = {k: v.get("seconds") for k, v in meta["stages"].items()}
     row = {
         "date": time.strftime("%Y-%m-%d"),
-        "n_train": n, "n_test": m, "spec": spec_kw, "noise": report["noise"],
-        "workers": a.workers, "memory_limit": a.memory_limit,
-        "accuracy": report.get("accuracy"), "mse": report["mse"],
-        "wall_s": round(wall, 1), "stages_s": stages, "factor_s": meta["factor"]["seconds"],
-        "gemm_gflops": round(gemm / 1e9, 1), "elementwise_ns_per_entry": round(per_entry * 1e9, 2),
+        "n_train": n,
+        "n_test": m,
+        "spec": spec_kw,
+        "noise": report["noise"],
+        "workers": a.workers,
+        "memory_limit": a.memory_limit,
+        "accuracy": report.get("accuracy"),
+        "mse": report["mse"],
+        "wall_s": round(wall, 1),
+        "stages_s": stages,
+        "factor_s": meta["factor"]["seconds"],
+        "gemm_gflops": round(gemm / 1e9, 1),
+        "elementwise_ns_per_entry": round(per_entry * 1e9, 2),
         "floor_s": {k: round(v, 1) for k, v in floor.items()},
         "ratio_to_floor": round(wall / floor["total_s"], 2),
         "cholesky_gflops": round(n**3 / 3 / meta["factor"]["seconds"] / 1e9, 1),
-        "peak_rss_gb": {"client": round(peak_rss() / 1e9, 2),
-                        "workers": [round(w / 1e9, 2) for w in workers]},
+        "peak_rss_gb": {
+            "client": round(peak_rss() / 1e9, 2),
+            "workers": [round(w / 1e9, 2) for w in workers],
+        },
         "train_matrix_gb": round(8 * n * n / 1e9, 1),
         "calibration": report["calibration"],
-    }  # fmt: skip
+    }
     text = json.dumps(row, indent=1)
     print(text)
     if a.json:

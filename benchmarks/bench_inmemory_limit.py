@@ -30,16 +30,27 @@ def main() -> None:
     a = p.parse_args()
     for n in a.n:
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", SCIPY, a.store, str(a.noise), str(n),
-                              str(a.test)], capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", SCIPY, a.store, str(a.noise), str(n), str(a.test)],
+            capture_output=True,
+            text=True,
+        )
         wall = round(time.perf_counter() - start, 1)
-        row = {"n": n, "m": a.test, "date": time.strftime("%Y-%m-%d"), "wall_s": wall,
-               "returncode": out.returncode}  # fmt: skip
+        row = {
+            "n": n,
+            "m": a.test,
+            "date": time.strftime("%Y-%m-%d"),
+            "wall_s": wall,
+            "returncode": out.returncode,
+        }
         if out.returncode == 0:
             r = json.loads(out.stdout)
-            row.update(read_s=round(r["read_s"], 1), factor_s=round(r["factor_s"], 1),
-                       solve_predict_s=round(r["solve_predict_s"], 1),
-                       peak_rss_gb=round(r["peak_rss"] / 1e9, 2))  # fmt: skip
+            row.update(
+                read_s=round(r["read_s"], 1),
+                factor_s=round(r["factor_s"], 1),
+                solve_predict_s=round(r["solve_predict_s"], 1),
+                peak_rss_gb=round(r["peak_rss"] / 1e9, 2),
+            )
         else:
             tail = out.stderr.strip().splitlines()[-1:] or ["(no message: killed)"]
             row["failure"] = tail[0]

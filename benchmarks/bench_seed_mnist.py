@@ -43,23 +43,47 @@ def main() -> None:
     rows = []
     with connect(workers=2) as c:
         t0 = time.perf_counter()
-        jobs.kernel(store, dataset=f"npz:{folder / 'mnist.npz'}", depth=20, weight_var=1.45,
-                    bias_var=0.28, tile_size=1024, client=c, progress=False)  # fmt: skip
+        jobs.kernel(
+            store,
+            dataset=f"npz:{folder / 'mnist.npz'}",
+            depth=20,
+            weight_var=1.45,
+            bias_var=0.28,
+            tile_size=1024,
+            client=c,
+            progress=False,
+        )
         t_kernel = time.perf_counter() - t0
         for noise in (float(s) for s in a.noise.split(",")):
             rec = jobs.solve(store, noise=noise, client=c, progress=False)
             rep = jobs.predict(store, client=c, progress=False)
-            rows.append({"noise_requested": noise, "noise": rec["noise"],
-                         "log_marginal_likelihood": rec["log_marginal_likelihood"],
-                         "accuracy": rep["accuracy"], "mse": rep["mse"]})  # fmt: skip
+            rows.append(
+                {
+                    "noise_requested": noise,
+                    "noise": rec["noise"],
+                    "log_marginal_likelihood": rec["log_marginal_likelihood"],
+                    "accuracy": rep["accuracy"],
+                    "mse": rep["mse"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-        rec = jobs.solve(store, noise=a.noise, validation_size=a.validation_size, client=c,
-                         progress=False)  # fmt: skip
+        rec = jobs.solve(
+            store, noise=a.noise, validation_size=a.validation_size, client=c, progress=False
+        )
         rep = jobs.predict(store, client=c, progress=False)
-    print(json.dumps({"train": f"official MNIST test images 0..{n - 1}",
-                      "test": f"official MNIST test images {n}..9999", "kernel_s": t_kernel,
-                      "selection": rec["selection"], "chosen_noise": rec["noise"],
-                      "test_accuracy": rep["accuracy"], "published": 0.9279}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "train": f"official MNIST test images 0..{n - 1}",
+                "test": f"official MNIST test images {n}..9999",
+                "kernel_s": t_kernel,
+                "selection": rec["selection"],
+                "chosen_noise": rec["noise"],
+                "test_accuracy": rep["accuracy"],
+                "published": 0.9279,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

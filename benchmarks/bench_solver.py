@@ -83,13 +83,29 @@ print(json.dumps({"read_s": read, "factor_s": t_factor, "solve_predict_s": total
 """
 
 
-def run(n: int, m: int, tile: int, workers: int, memory_limit: str, noise: float, scipy: bool,
-        folder: Path) -> dict:  # fmt: skip
+def run(
+    n: int,
+    m: int,
+    tile: int,
+    workers: int,
+    memory_limit: str,
+    noise: float,
+    scipy: bool,
+    folder: Path,
+) -> dict:
     store = str(folder / f"fmnist-{n}-{m}.zarr")
     with connect(workers=workers, memory_limit=memory_limit) as c:
         t0 = time.perf_counter()
-        jobs.kernel(store, dataset="fashion-mnist", train_size=n, test_size=m, tile_size=tile,
-                    client=c, progress=False, **SPEC)  # fmt: skip
+        jobs.kernel(
+            store,
+            dataset="fashion-mnist",
+            train_size=n,
+            test_size=m,
+            tile_size=tile,
+            client=c,
+            progress=False,
+            **SPEC,
+        )
         t_kernel = time.perf_counter() - t0
         c.run(lambda: None)
         t0 = time.perf_counter()
@@ -101,16 +117,25 @@ def run(n: int, m: int, tile: int, workers: int, memory_limit: str, noise: float
         worker_peaks = c.run(peak_rss)
     factor_s = nngp_dist.KernelStore.open(store).meta["factor"]["seconds"]
     row = {
-        "n": n, "m": m, "tile": tile, "workers": workers, "memory_limit": memory_limit,
-        "kernel_s": round(t_kernel, 2), "solve_s": round(t_solve, 2), "factor_s": factor_s,
-        "predict_s": round(t_predict, 2), "accuracy": rep["accuracy"],
-        "noise": rec["noise"], "client_peak_rss": peak_rss(),
+        "n": n,
+        "m": m,
+        "tile": tile,
+        "workers": workers,
+        "memory_limit": memory_limit,
+        "kernel_s": round(t_kernel, 2),
+        "solve_s": round(t_solve, 2),
+        "factor_s": factor_s,
+        "predict_s": round(t_predict, 2),
+        "accuracy": rep["accuracy"],
+        "noise": rec["noise"],
+        "client_peak_rss": peak_rss(),
         "worker_peak_rss": sorted(worker_peaks.values()),
         "cholesky_gflops": n**3 / 3 / factor_s / 1e9,
-    }  # fmt: skip
+    }
     if scipy:
-        out = subprocess.run([sys.executable, "-c", SCIPY, store, str(rec["noise"])],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", SCIPY, store, str(rec["noise"])], capture_output=True, text=True
+        )
         if out.returncode:
             row["scipy"] = f"failed: {out.stderr.strip().splitlines()[-1]}"
         else:
@@ -128,7 +153,7 @@ def run(n: int, m: int, tile: int, workers: int, memory_limit: str, noise: float
                     np.abs(ours_mean - sp["mean"]).max() / np.abs(sp["mean"]).max()
                 ),
                 "max_rel_diff_var": float(np.abs(ours_var - sp_var).max() / sp_var.max()),
-            }  # fmt: skip
+            }
     return row
 
 
@@ -146,8 +171,16 @@ def main() -> None:
     folder = Path(a.dir)
     folder.mkdir(parents=True, exist_ok=True)
     rate = gemm_rate()
-    print(json.dumps({"gemm_gflops_all_cores": rate / 1e9, "cores": os.cpu_count(),
-                      "date": time.strftime("%Y-%m-%d")}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "gemm_gflops_all_cores": rate / 1e9,
+                "cores": os.cpu_count(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        ),
+        flush=True,
+    )
     for n in a.n:
         row = run(n, a.test, a.tile, a.workers, a.memory_limit, a.noise, not a.no_scipy, folder)
         row["cholesky_fraction_of_gemm"] = row["cholesky_gflops"] * 1e9 / rate
@@ -155,11 +188,14 @@ def main() -> None:
         if isinstance(row.get("scipy"), dict):
             tiled = row["solve_s"] + row["predict_s"]
             sp = row["scipy"]["solve_predict_s"] + row["scipy"]["read_s"]
-            print(f"N={n}: tiled solve+predict {tiled:.1f} s vs SciPy read+solve+predict "
-                  f"{sp:.1f} s: ratio {tiled / sp:.2f}; peak memory tiled worker "
-                  f"{max(row['worker_peak_rss']) / 1e9:.2f} GB, client "
-                  f"{row['client_peak_rss'] / 1e9:.2f} GB, SciPy "
-                  f"{row['scipy']['peak_rss'] / 1e9:.2f} GB", flush=True)  # fmt: skip
+            print(
+                f"N={n}: tiled solve+predict {tiled:.1f} s vs SciPy read+solve+predict "
+                f"{sp:.1f} s: ratio {tiled / sp:.2f}; peak memory tiled worker "
+                f"{max(row['worker_peak_rss']) / 1e9:.2f} GB, client "
+                f"{row['client_peak_rss'] / 1e9:.2f} GB, SciPy "
+                f"{row['scipy']['peak_rss'] / 1e9:.2f} GB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -53,11 +53,23 @@ def run(store: str, n: int, m: int, tile: int, workers: int, kill_after: int | N
 
             threading.Thread(target=killer, daemon=True).start()
         start = time.perf_counter()
-        report = jobs.run(store, dataset="fashion-mnist", train_size=n, test_size=m,
-                          tile_size=tile, client=c, progress=False, **SPEC)  # fmt: skip
+        report = jobs.run(
+            store,
+            dataset="fashion-mnist",
+            train_size=n,
+            test_size=m,
+            tile_size=tile,
+            client=c,
+            progress=False,
+            **SPEC,
+        )
         wall = time.perf_counter() - start
-    return {"workers": workers, "wall_s": round(wall, 2), "accuracy": report["accuracy"],
-            "killed": {k: v for k, v in killed.items() if k != "at"} or None}  # fmt: skip
+    return {
+        "workers": workers,
+        "wall_s": round(wall, 2),
+        "accuracy": report["accuracy"],
+        "killed": {k: v for k, v in killed.items() if k != "at"} or None,
+    }
 
 
 def main() -> None:
@@ -80,10 +92,14 @@ def main() -> None:
     faulty = run(str(folder / "killed.zarr"), a.n, a.m, a.tile, 2, a.kill_after)
     print(json.dumps(faulty), flush=True)
     if clean:
-        same = np.array_equal(open_store(str(folder / "killed.zarr"))["mean"].values,
-                              open_store(str(folder / "w2.zarr"))["mean"].values)  # fmt: skip
-        print(f"killed worker: {faulty['wall_s']:.1f} s against {clean['wall_s']:.1f} s clean: "
-              f"{faulty['wall_s'] - clean['wall_s']:+.1f} s; means identical: {same}")  # fmt: skip
+        same = np.array_equal(
+            open_store(str(folder / "killed.zarr"))["mean"].values,
+            open_store(str(folder / "w2.zarr"))["mean"].values,
+        )
+        print(
+            f"killed worker: {faulty['wall_s']:.1f} s against {clean['wall_s']:.1f} s clean: "
+            f"{faulty['wall_s'] - clean['wall_s']:+.1f} s; means identical: {same}"
+        )
 
 
 if __name__ == "__main__":

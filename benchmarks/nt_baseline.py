@@ -34,8 +34,10 @@ DIM = 784
 def build_kernel_fn(depth, w_var, b_var, arch="fc"):
     w_std, b_std = math.sqrt(w_var), math.sqrt(b_var)
     if arch == "conv":  # 3x3 SAME convs, flatten, dense readout (nngp_dist's --arch conv)
-        layers = [stax.Conv(512, (3, 3), padding="SAME", W_std=w_std, b_std=b_std),
-                  stax.Relu()] * depth + [stax.Flatten()]  # fmt: skip
+        layers = [
+            stax.Conv(512, (3, 3), padding="SAME", W_std=w_std, b_std=b_std),
+            stax.Relu(),
+        ] * depth + [stax.Flatten()]
     else:
         layers = [stax.Dense(512, W_std=w_std, b_std=b_std), stax.Relu()] * depth
     return stax.serial(*layers, stax.Dense(1, W_std=w_std, b_std=b_std))[2]

@@ -6,14 +6,13 @@ arrays, :func:`load_dataset` loads and validates a dataset, :class:`NNGPClassifi
 :class:`NNGPRegressor` are scikit-learn-style estimators on the same engine.
 """
 
-__version__ = "0.1.0"
-
-from .datasets import load as load_dataset  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .estimator import NNGPClassifier, NNGPRegressor  # noqa: E402
-from .jobs import kernel  # noqa: E402
-from .kernels import Spec  # noqa: E402
-from .storage import KernelStore, open_store  # noqa: E402
+from ._version import __version__
+from .datasets import load as load_dataset
+from .errors import UserError
+from .estimator import NNGPClassifier, NNGPRegressor
+from .jobs import kernel
+from .kernels import Spec
+from .storage import KernelStore, open_store
 
 __all__ = [
     "KernelStore",

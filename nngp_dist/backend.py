@@ -17,7 +17,7 @@ __all__ = ["cupy_available", "erf", "namespace", "to_host"]
 
 def _cupy() -> ModuleType | None:
     try:
-        import cupy  # noqa: PLC0415
+        import cupy
     except Exception:  # ImportError, or a CUDA runtime that fails to load
         return None
     return cupy
@@ -71,7 +71,7 @@ def to_host(a: Any) -> np.ndarray:
 def erf(x: Any) -> Any:
     """The error function of ``x`` in its own namespace (SciPy or CuPy's scipy.special)."""
     if namespace(x) is np:
-        from scipy.special import erf as _erf  # noqa: PLC0415
+        from scipy.special import erf as _erf
     else:
-        from cupyx.scipy.special import erf as _erf  # noqa: PLC0415
+        from cupyx.scipy.special import erf as _erf
     return _erf(x)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError
 
 ACTIVATION_HELP = (
@@ -24,7 +24,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .compute import JobError  # noqa: PLC0415
+        from .compute import JobError
 
         try:
             _use_tls({k: kwargs.pop(k) for k in TLS_OPTIONS if k in kwargs})
@@ -57,7 +57,7 @@ def _use_tls(given: dict) -> None:
         return
     if len(chosen) != len(TLS_OPTIONS):
         raise UserError("TLS needs all three of --tls-ca-file, --tls-cert and --tls-key")
-    import dask.config  # noqa: PLC0415
+    import dask.config
 
     settings = {TLS_OPTIONS[k]: v for k, v in chosen.items()}
     dask.config.set({**settings, "distributed.comm.require-encryption": True})
@@ -297,7 +297,7 @@ def main() -> None:
 @_user_errors
 def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
     """Compute a network's kernel into a store (resumes a partly computed store)."""
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     summary = jobs.kernel(kernel=kernel_kind, progress=not quiet, **options)
     click.echo(
@@ -314,7 +314,7 @@ def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
 @_user_errors
 def solve(quiet: bool, **options: Any) -> None:
     """Factor the kernel plus noise (tiled Cholesky) and solve for the GP weights alpha."""
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     rec = jobs.solve(progress=not quiet, **options)
     lml = rec["log_marginal_likelihood"]
@@ -336,7 +336,7 @@ def solve(quiet: bool, **options: Any) -> None:
 @_user_errors
 def predict(quiet: bool, **options: Any) -> None:
     """Posterior means and variances of the test points; accuracy, MSE, calibration."""
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     _report(jobs.predict(progress=not quiet, **options))
 
@@ -349,7 +349,7 @@ def predict(quiet: bool, **options: Any) -> None:
 @_user_errors
 def run(kernel_kind: str, quiet: bool, **options: Any) -> None:
     """kernel, solve and predict in one go (each resumes what a store already holds)."""
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
 
@@ -367,20 +367,23 @@ def run(kernel_kind: str, quiet: bool, **options: Any) -> None:
 @_user_errors
 def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
     """run, on a cluster; with --detach the job outlives this command (see cancel, status)."""
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     if not detach:
         _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
         return
-    from .detached import submit as submit_job  # noqa: PLC0415
+    from .detached import submit as submit_job
 
     for key in ("workers", "memory_limit"):
         if options.pop(key) is not None:
-            raise UserError(f"--{key.replace('_', '-')} configures an embedded cluster; "
-                            "a detached job runs on the --scheduler's workers")  # fmt: skip
+            raise UserError(
+                f"--{key.replace('_', '-')} configures an embedded cluster; "
+                "a detached job runs on the --scheduler's workers"
+            )
     rec = submit_job(scheduler=options.pop("scheduler"), kernel=kernel_kind, **options)
-    click.echo(f"job {rec['job']} running on {rec['worker']} (driver pid {rec['pid']}); log: "
-               f"{rec['log']}")  # fmt: skip
+    click.echo(
+        f"job {rec['job']} running on {rec['worker']} (driver pid {rec['pid']}); log: {rec['log']}"
+    )
     click.echo(f"follow it: nngp-dist status --store {rec['store']}")
     click.echo(f"stop it:   nngp-dist cancel --store {rec['store']} --scheduler {rec['scheduler']}")
 
@@ -399,7 +402,7 @@ def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
 @_user_errors
 def cancel(store: str, scheduler: str | None) -> None:
     """Stop a detached job; its finished tiles stay, and submitting it again resumes it."""
-    from .detached import cancel as cancel_job  # noqa: PLC0415
+    from .detached import cancel as cancel_job
 
     rec = cancel_job(store, scheduler=scheduler)
     click.echo(f"job {rec['job']} on {rec['store']}: cancelled ({rec['outcome']})")
@@ -496,7 +499,7 @@ def _report(r: dict) -> None:
 @_user_errors
 def sweep(quiet: bool, **options: Any) -> None:
     """Choose depth, w_var, b_var and noise on a validation split (one Gram matrix for all)."""
-    from .sweep import sweep as run_sweep  # noqa: PLC0415
+    from .sweep import sweep as run_sweep
 
     r = run_sweep(progress=not quiet, **options)
     b = r["best"]
@@ -532,10 +535,10 @@ def sweep(quiet: bool, **options: Any) -> None:
 @_user_errors
 def figures(sizes: str | None, **options: Any) -> None:
     """PNGs of a finished store: calibration, kernel by class, learning curve, sweep heat map."""
-    from .figures import figures as make  # noqa: PLC0415
-    from .jobs import _integer  # noqa: PLC0415
+    from .figures import figures as make
+    from .options import integer
 
-    size_list = [_integer("--sizes", s) for s in sizes.split(",")] if sizes else None
+    size_list = [integer("--sizes", s) for s in sizes.split(",")] if sizes else None
     r = make(sizes=size_list, **options)
     for row in r["learning_curve"]:
         acc = f"accuracy {row['accuracy']:.4f}, " if "accuracy" in row else ""
@@ -555,11 +558,11 @@ def figures(sizes: str | None, **options: Any) -> None:
 @_user_errors
 def status(store: str, as_json: bool, scheduler: str | None) -> None:
     """Show a store's progress: tiles done and total, stage, spec, timings."""
-    from .storage import KernelStore  # noqa: PLC0415
+    from . import jobs
 
-    st = KernelStore.open(store).status()
+    st = jobs.status(store)
     if scheduler:
-        from . import detached  # noqa: PLC0415
+        from . import detached
 
         st["job"] = detached.job_info(store, scheduler=scheduler)
     if as_json:
@@ -618,9 +621,11 @@ def _depth_and_geometry(spec: dict) -> str:
         return ""
     text = f" depth {spec['depth']}"
     if spec["arch"] == "conv":
-        text += (f" {spec['filter_size']}x{spec['filter_size']} stride {spec['stride']} "
-                 f"dilation {spec['dilation']} {spec['padding']} skip {spec['skip_every']} "
-                 f"{spec['readout']}")  # fmt: skip
+        text += (
+            f" {spec['filter_size']}x{spec['filter_size']} stride {spec['stride']} "
+            f"dilation {spec['dilation']} {spec['padding']} skip {spec['skip_every']} "
+            f"{spec['readout']}"
+        )
     return text
 
 

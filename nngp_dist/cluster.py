@@ -5,25 +5,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask.config
 from dask.utils import parse_bytes, parse_timedelta
+from distributed import Client, LocalCluster
 
 from . import config
 from .errors import UserError
+from .workers import Warmup
 
-__all__ = ["WORKER_ENV", "connect"]
+__all__ = ["WORKER_ENV", "connect", "scheduler_address", "with_client", "worker_memory"]
 
-# Set in the environment of every embedded worker before it starts (glibc reads it at a
-# process's first allocation, too early for the worker itself to set it); the deploy images set
-# it too. One malloc arena: the threads of a worker (its task thread, zarr's I/O threads) then
-# share one heap, whose freed memory stays mapped and is reused, instead of a heap each (of
-# 64 MiB pieces, unmapped as soon as they are empty) that faults in the next tile's buffers
-# afresh. Measured on the FC kernel stage at N = 10,000 (benchmarks/RESULTS.md): 1.61-1.75 s
-# against 1.67-1.94 s. (Dask's nanny puts these variables in the spawning process's own
-# environment too, as it does its MALLOC_TRIM_THRESHOLD_ and OMP_NUM_THREADS.)
+# Set in the environment of every embedded worker before it starts (glibc reads it at a process's
+# first allocation, too early for the worker itself to set it); the deploy images set it too. One
+# malloc arena: the threads of a worker (its task thread, zarr's I/O threads) then share one heap,
+# whose freed memory stays mapped and is reused, instead of a heap each (of 64 MiB pieces,
+# unmapped as soon as they are empty) that faults in the next tile's buffers afresh (the FC kernel
+# stage measured both ways: benchmarks/RESULTS.md). (Dask's nanny puts these variables in the
+# spawning process's own environment too, as it does its MALLOC_TRIM_THRESHOLD_ and
+# OMP_NUM_THREADS.)
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
@@ -47,8 +49,6 @@ def connect(
     127.0.0.1, with its dashboard on a free port. An unreachable scheduler is a
     :class:`UserError` after ``timeout`` (default ``nngp-dist.connect-timeout``).
     """
-    from distributed import Client, LocalCluster  # noqa: PLC0415
-
     address = scheduler_address(scheduler)
     wait = parse_timedelta(config.get("connect-timeout", timeout))
     if address:
@@ -114,6 +114,35 @@ def connect(
 
 
 def _warm_workers(client: Any) -> None:
-    from .workers import Warmup  # noqa: PLC0415
-
     client.register_plugin(Warmup())
+
+
+def with_client(
+    fn: Callable[[Any], Any],
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str | int | None = None,
+    *,
+    allow_synchronous: bool = False,
+) -> Any:
+    """``fn(client)`` with ``client`` if given, else with one from :func:`connect`.
+
+    ``scheduler="synchronous"`` runs ``fn(None)`` in this process where ``allow_synchronous``
+    (the kernel stage can); elsewhere it means an embedded cluster (the solvers need a graph).
+    """
+    if client is not None:
+        return fn(client)
+    if scheduler == "synchronous":
+        if allow_synchronous:
+            return fn(None)
+        scheduler = None
+    with connect(scheduler, workers=workers, memory_limit=memory_limit) as c:
+        return fn(c)
+
+
+def worker_memory(client: Any) -> tuple[int, int]:
+    """(number of workers, smallest memory limit in bytes; 0 when unlimited)."""
+    info = client.scheduler_info()["workers"].values()
+    limits = [int(w.get("memory_limit") or 0) for w in info]
+    return len(limits), min(limits, default=0)

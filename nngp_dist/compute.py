@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -17,13 +16,20 @@ from typing import Any
 
 import numpy as np
 import zarr
+from distributed import as_completed
 
-from . import backend, workers
+from . import backend, config, workers
+from .errors import UserError
 from .kernels import Spec
-from .storage import KERNEL_ARRAYS, KernelStore, _utcnow
+from .layout import K_TRAIN_TRAIN, KERNEL_ARRAYS, X_TEST, X_TRAIN
+from .progress import progress_bar
+from .storage import KernelStore, utcnow
 from .tiling import Tile, TilePlan
+from .workers import TaskContext
 
-__all__ = ["JobError", "compute_kernel", "run_tile"]
+INPUTS = {"train": X_TRAIN, "test": X_TEST}
+
+__all__ = ["JobError", "compute_kernel", "evaluate_tile", "probe", "run_tile"]
 
 
 class JobError(RuntimeError):
@@ -34,8 +40,10 @@ class JobError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=6)
-def _rows(url: str, token: str, part: str, sel: tuple[int, int]) -> np.ndarray:
-    x = workers.open_group(url, token, flush=True)[f"x_{part}"][sel[0] : sel[1]]  # run_tile's
+def _rows(ctx: TaskContext, part: str, sel: tuple[int, int]) -> np.ndarray:
+    """Input rows ``sel`` of ``part`` as float64 (cached: a worker's next tile often shares
+    its row or column block with the last)."""
+    x = workers.open_group(ctx.url, ctx.token, flush=True)[INPUTS[part]][sel[0] : sel[1]]
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64)
 
 
@@ -44,8 +52,8 @@ _CONFIG_LOCK = threading.Lock()
 
 def _whole_tiles(group: zarr.Group, name: str) -> zarr.Array:
     """``group[name]`` for writing whole tiles: without zarr's pass over each chunk looking for
-    an all-fill (NaN) one, which a tile just found finite is not (8 ms of a 2000 x 2000 tile's
-    45 ms write). An array's config is read from zarr's global one when it is opened
+    an all-fill (NaN) one, which a tile just found finite is not (about a fifth of a tile's
+    write). An array's config is read from zarr's global one when it is opened
     (``Array.with_config`` is in zarr 3.1.6 only); the lock keeps a worker's threads from
     restoring each other's setting. An array another thread opens meanwhile may write an
     all-fill chunk it would have skipped, which costs only disk."""
@@ -55,72 +63,65 @@ def _whole_tiles(group: zarr.Group, name: str) -> zarr.Array:
 
 def _on_device(x: np.ndarray, use_gpu: bool) -> Any:
     if use_gpu:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         return cupy.asarray(x)
     return x
 
 
-def run_tile(
-    url: str, token: str, spec: Spec, plan: TilePlan, tile: Tile, dtype: str, device: str
-) -> float:
-    """Compute one tile and write it, then its completion record. Returns seconds taken."""
-    start = time.perf_counter()
-    workers.tune_allocator()
-    use_gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
-    group = workers.open_group(url, token, flush=True)
-    row_part = "train" if tile.array in ("k_train_train", "k_train_diag") else "test"
-    rows = plan.rows(row_part, tile.i)
-    x1 = _on_device(_rows(url, token, row_part, (rows.start, rows.stop)), use_gpu)
-    if tile.j is None:
+def evaluate_tile(spec: Spec, x1: Any, x2: Any | None, dtype: str, *, same: bool = False) -> Any:
+    """One tile's values in ``dtype`` on the host: ``k(x1, x2)``, or the diagonal ``k(x, x)``
+    of ``x1`` when ``x2`` is None. ``same``: ``x2`` is ``x1`` (a diagonal tile of the train
+    kernel), whose diagonal is then the diagonal recursion's, so it equals ``k_train_diag``
+    exactly. Raises FloatingPointError when a value is not finite in ``dtype``."""
+    if x2 is None:
         values = spec.diag(x1)
-        target: tuple[slice, ...] = (rows,)
     else:
-        cols = plan.rows("train", tile.j)
-        on_diagonal = tile.array == "k_train_train" and tile.i == tile.j
-        if on_diagonal:  # the same array twice: the kernel evaluates half and mirrors it
-            x2 = x1
-        else:
-            x2 = _on_device(_rows(url, token, "train", (cols.start, cols.stop)), use_gpu)
         values = spec.cross(x1, x2)
-        if on_diagonal:
-            # The diagonal from the diagonal recursion, so it equals k_train_diag exactly.
-            xp = backend.namespace(values)
-            xp.fill_diagonal(values, spec.diag(x1))
-        target = (rows, cols)
+        if same:
+            backend.namespace(values).fill_diagonal(values, spec.diag(x1))
     with np.errstate(over="ignore"):  # overflow to inf in float32 is caught just below
         values = backend.to_host(values).astype(dtype, copy=False)
     if not np.isfinite(values).all():  # checked in the storage dtype: float32 can overflow
         raise FloatingPointError(
-            f"{tile}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
-            f"{dtype} (spec {spec.to_json()}); nothing was recorded for this tile"
+            f"the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
+            f"{dtype} (spec {spec.to_json()})"
         )
+    return values
+
+
+@workers.store_task(flush=True)
+def run_tile(
+    ctx: TaskContext,
+    group: zarr.Group,
+    spec: Spec,
+    plan: TilePlan,
+    tile: Tile,
+    dtype: str,
+    device: str,
+) -> workers.Recorded:
+    """Compute one tile and write it; the wrapper then writes its completion record."""
+    use_gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
+    part = plan.row_part(tile.array)
+    rows = plan.rows(part, tile.i)
+    x1 = _on_device(_rows(ctx, part, (rows.start, rows.stop)), use_gpu)
+    target: tuple[slice, ...] = (rows,)
+    x2 = None
+    same = tile.array == K_TRAIN_TRAIN and tile.i == tile.j
+    if tile.j is not None:
+        cols = plan.rows("train", tile.j)
+        target = (rows, cols)
+        # The same array twice on the diagonal: the kernel evaluates half and mirrors it.
+        x2 = x1 if same else _on_device(_rows(ctx, "train", (cols.start, cols.stop)), use_gpu)
+    try:
+        values = evaluate_tile(spec, x1, x2, dtype, same=same)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{tile}: {e}; nothing was recorded for this tile") from None
     _whole_tiles(group, tile.array)[target] = values
-    seconds = time.perf_counter() - start
-    group[f"tiles/{tile.array}"][tile.index] = max(seconds, 1e-9)
-    return seconds
+    return workers.Recorded(tile.array, tile.index)
 
 
 # --- client side ------------------------------------------------------------------------------
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str = "kernel") -> Any:
-    # tqdm.auto picks a notebook widget in Jupyter (and warns there when ipywidgets is
-    # missing, even for a disabled bar): only import it when a bar is wanted.
-    if enabled:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    else:
-        from tqdm import tqdm  # noqa: PLC0415
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="tile",
-        desc=desc,
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 def compute_kernel(
@@ -145,16 +146,15 @@ def compute_kernel(
     plan = store.plan
     if spec is None or spec.hash != meta["spec_hash"]:
         spec = store.spec  # as recorded; a given spec is used only when it is the same one
-    token = workers.store_token(meta)
     todo = plan.missing({a: store.done(a) for a in KERNEL_ARRAYS})
     total = plan.total()
     summary = {"tiles_total": total, "tiles_computed": 0, "tiles_skipped": total - len(todo)}
     if not todo:
         return {**summary, "seconds": 0.0}
     start = time.perf_counter()
-    store.record_stage("kernel", started=_utcnow(), finished=None)
-    args = (store.url, token, spec, plan)
-    bar = _progress(total, total - len(todo), progress)
+    store.record_stage("kernel", started=utcnow(), finished=None)
+    args = (TaskContext.of(store, meta["tile_size"]), spec, plan)
+    bar = progress_bar(total, total - len(todo), progress)
     try:
         if client is None:
             for tile in todo:
@@ -172,7 +172,7 @@ def compute_kernel(
         bar.close()
     seconds = time.perf_counter() - start
     summary.update(tiles_computed=len(todo), seconds=round(seconds, 3))
-    store.record_stage("kernel", finished=_utcnow(), seconds=summary["seconds"], tiles=len(todo))
+    store.record_stage("kernel", finished=utcnow(), seconds=summary["seconds"], tiles=len(todo))
     return summary
 
 
@@ -185,17 +185,13 @@ def _run_distributed(
     max_in_flight: int | None,
     bar: Any,
 ) -> None:
-    from distributed import as_completed  # noqa: PLC0415
-
-    from . import config  # noqa: PLC0415
-
     if max_in_flight is None:
         threads = sum(client.nthreads().values()) or 1
         max_in_flight = int(config.get("tasks-per-thread")) * threads
     pending = iter(todo)
 
     def submit(tile: Tile) -> Any:
-        key = workers.task_key(args[0], args[1], "tile", tile.array, *tile.index)
+        key = args[0].key("tile", tile.array, *tile.index)
         return client.submit(run_tile, *args, tile, dtype, device, key=key, pure=False)
 
     futures = as_completed([submit(t) for t in itertools.islice(pending, max(1, max_in_flight))])
@@ -215,3 +211,30 @@ def _run_distributed(
     except BaseException:
         client.cancel(list(futures.futures))
         raise
+
+
+def probe(spec: Spec, data: Any, dtype: str) -> None:
+    """Evaluate the kernel on a few inputs before anything is written, so that a bad activation
+    (one that does not take arrays, or cannot be rebuilt on the workers) or overflowing inputs
+    fail here with a :class:`UserError`, not inside a tile."""
+    try:
+        Spec.from_dict(spec.to_dict())
+    except ValueError as e:
+        raise UserError(
+            f"the activation {spec.activation.name!r} cannot be recorded in the store and "
+            f"rebuilt by the workers ({e}); give a Python function as 'module:function' "
+            "naming an importable module-level function"
+        ) from None
+    x = np.concatenate([data.x_train[:3], data.x_test[:2]])
+    try:
+        k = spec.cross(x, x)
+        d = spec.diag(x)
+    except Exception as e:  # the user's function, whatever it raises
+        raise UserError(f"the kernel cannot be evaluated: {type(e).__name__}: {e}") from None
+    with np.errstate(over="ignore"):  # overflow in the cast is what is being checked
+        finite = np.isfinite(k.astype(dtype)).all() and np.isfinite(d.astype(dtype)).all()
+    if not finite:
+        raise UserError(
+            f"the kernel of the first inputs is not finite in {dtype} (overflow?): check the "
+            "inputs' scale, --weight-var, --bias-var, --depth and --dtype"
+        )

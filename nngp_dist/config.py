@@ -14,10 +14,10 @@ import dask.config
 __all__ = ["DEFAULTS", "get"]
 
 DEFAULTS = {
-    # Tile edge. CPU tiles of 2k-4k keep Dask's ~1 ms per task negligible (DESIGN.md). 2000, not
-    # 2048: a float64 tile of 2000^2 (32.0 MB) stays under glibc's largest mmap threshold
-    # (32 MiB), so tile buffers are reused from the heap instead of being mapped and faulted in
-    # on every allocation (measured on the 10k solve: 10.2 s against 11.8 s with 2048).
+    # Tile edge. CPU tiles of 2k-4k keep Dask's ~1 ms per task negligible (docs/design.md).
+    # 2000, not 2048: a float64 tile of 2000^2 (32.0 MB) stays under glibc's largest mmap
+    # threshold (32 MiB), so tile buffers are reused from the heap instead of being mapped and
+    # faulted in on every allocation (benchmarks/RESULTS.md has the solve measured both ways).
     "tile-size": 2000,
     # Storage dtype of the kernel arrays; evaluation is always float64.
     "dtype": "float64",

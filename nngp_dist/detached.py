@@ -50,18 +50,21 @@ def _log_path(store: str) -> str:
 
 def _launch(options: dict, log: str, env: dict) -> dict:
     """Worker task: start the driver process in a session of its own; return where it runs."""
-    import threading  # noqa: PLC0415
+    import threading
 
-    from distributed import get_worker  # noqa: PLC0415
+    from distributed import get_worker
 
     worker = get_worker()
     options = {**options, "scheduler": worker.scheduler.address}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nngp_dist.detached", json.dumps(options)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **env},
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it ends
     return {"pid": proc.pid, "worker": worker.address, "log": log}
 
@@ -85,7 +88,7 @@ def _stop(pid: int, grace: float) -> str:
 
 def _tls_env() -> dict:
     """The client's TLS settings, for the driver to connect the same way."""
-    import dask.config  # noqa: PLC0415
+    import dask.config
 
     keys = {
         "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": "distributed.comm.tls.ca-file",
@@ -108,10 +111,10 @@ def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
     ...), so bad input fails at once with nothing started. A job already running on this
     store is refused (cancel it first).
     """
-    from distributed import Variable  # noqa: PLC0415
+    from distributed import Variable
 
-    from . import jobs  # noqa: PLC0415
-    from .cluster import connect, scheduler_address  # noqa: PLC0415
+    from . import jobs
+    from .cluster import connect, scheduler_address
 
     if not scheduler_address(scheduler):
         raise UserError(
@@ -130,11 +133,16 @@ def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
                 f"'nngp-dist cancel --store {store} --scheduler {c.scheduler.address}' stops it"
             )
         job = uuid.uuid4().hex[:12]
-        record = {"job": job, "state": "starting", "store": store,
-                  "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        record = {
+            "job": job,
+            "state": "starting",
+            "store": store,
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         var.set(record)
-        where = c.submit(_launch, {**options, "job": job}, _log_path(store), _tls_env(),
-                         pure=False).result()  # fmt: skip
+        where = c.submit(
+            _launch, {**options, "job": job}, _log_path(store), _tls_env(), pure=False
+        ).result()
         current = _get(var) or record
         if current.get("job") == job:  # merge: the driver may have reported already
             current.update(where)
@@ -154,9 +162,9 @@ def _get(var: Any) -> dict | None:
 def job_info(store: str, *, scheduler: str | None) -> dict | None:
     """The record of the last job submitted on ``store`` to the cluster at ``scheduler``, or
     None if none was."""
-    from distributed import Variable  # noqa: PLC0415
+    from distributed import Variable
 
-    from .cluster import connect  # noqa: PLC0415
+    from .cluster import connect
 
     with connect(scheduler) as c:
         return _get(Variable(_variable_name(store), client=c))
@@ -164,9 +172,9 @@ def job_info(store: str, *, scheduler: str | None) -> dict | None:
 
 def cancel(store: str, *, scheduler: str | None) -> dict:
     """Stop the running job on ``store``; its finished tiles stay, a re-submission resumes."""
-    from distributed import Variable  # noqa: PLC0415
+    from distributed import Variable
 
-    from .cluster import connect, scheduler_address  # noqa: PLC0415
+    from .cluster import connect, scheduler_address
 
     if not scheduler_address(scheduler):
         raise UserError("cancel needs the cluster the job runs on: --scheduler ADDRESS")
@@ -179,8 +187,14 @@ def cancel(store: str, *, scheduler: str | None) -> dict:
         if rec["worker"] not in c.scheduler_info()["workers"]:
             outcome = "its worker has left the cluster (and the driver with it, if on it)"
         else:
-            outcome = c.submit(_stop, rec["pid"], STOP_GRACE, workers=[rec["worker"]],
-                               allow_other_workers=False, pure=False).result()  # fmt: skip
+            outcome = c.submit(
+                _stop,
+                rec["pid"],
+                STOP_GRACE,
+                workers=[rec["worker"]],
+                allow_other_workers=False,
+                pure=False,
+            ).result()
         rec.update(state="cancelled", cancelled=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         var.set(rec)
         return {**rec, "outcome": outcome}
@@ -188,9 +202,9 @@ def cancel(store: str, *, scheduler: str | None) -> dict:
 
 def _driver(argv: list[str]) -> int:
     """The driver process: run the job, report its end in the job's Variable."""
-    from distributed import Client, Variable  # noqa: PLC0415
+    from distributed import Client, Variable
 
-    from . import jobs  # noqa: PLC0415
+    from . import jobs
 
     options = json.loads(argv[0])
     job = options.pop("job")
@@ -209,11 +223,17 @@ def _driver(argv: list[str]) -> int:
         try:
             result = jobs.run(store, client=c, **options)
         except Exception as e:  # reported, then re-raised for the log
-            report(state="failed", error=f"{type(e).__name__}: {e}",
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+            report(
+                state="failed",
+                error=f"{type(e).__name__}: {e}",
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
             raise
-        report(state="done", accuracy=result.get("accuracy"),
-               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+        report(
+            state="done",
+            accuracy=result.get("accuracy"),
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         print(json.dumps({k: result.get(k) for k in ("accuracy", "mse", "noise")}), flush=True)
     return 0
 

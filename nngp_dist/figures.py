@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .layout import ALPHA, CHOL, K_TEST_TRAIN, K_TRAIN_TRAIN, T_TRAIN, Y_TEST, Y_TRAIN
+from .predict import leading_alpha, metrics, targets
 from .storage import KernelStore, solve_block
-from .tiling import span
+from .tiling import span, symmetric
 
 __all__ = ["figures", "learning_curve", "sweep_heatmap"]
 
@@ -30,10 +32,10 @@ DEFAULT_SIZES = (1000, 2000, 5000, 10000, 20000, 50000)
 
 
 def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 
@@ -46,8 +48,14 @@ def _save(fig: Any, path: str) -> str:
     return path
 
 
-def sweep_heatmap(rows: list[dict], depth: int, metric: str, weight_vars: list[float],
-                  bias_vars: list[float], path: str) -> str:  # fmt: skip
+def sweep_heatmap(
+    rows: list[dict],
+    depth: int,
+    metric: str,
+    weight_vars: list[float],
+    bias_vars: list[float],
+    path: str,
+) -> str:
     """Heat map of ``metric`` (best over noise) over w_var (x) and b_var (y) at ``depth``."""
     plt = _pyplot()
     better = max if metric == "validation_accuracy" else min
@@ -61,8 +69,9 @@ def sweep_heatmap(rows: list[dict], depth: int, metric: str, weight_vars: list[f
     fig, ax = plt.subplots(
         figsize=(max(6.0, 1.6 + 0.9 * len(weight_vars)), max(3.5, 1.2 + 0.6 * len(bias_vars)))
     )
-    im = ax.imshow(grid, origin="lower", aspect="auto",
-                   cmap="viridis" if better is max else "viridis_r")  # fmt: skip
+    im = ax.imshow(
+        grid, origin="lower", aspect="auto", cmap="viridis" if better is max else "viridis_r"
+    )
     ax.set_xticks(range(len(weight_vars)), [f"{w:g}" for w in weight_vars])
     ax.set_yticks(range(len(bias_vars)), [f"{b:g}" for b in bias_vars])
     ax.set_xlabel("weight variance $\\sigma_w^2$")
@@ -70,9 +79,17 @@ def sweep_heatmap(rows: list[dict], depth: int, metric: str, weight_vars: list[f
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8,
-                        color="w" if (grid[i, j] - np.nanmin(grid)) < 0.5 * np.ptp(
-                            grid[~np.isnan(grid)]) else "k")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="w"
+                    if (grid[i, j] - np.nanmin(grid)) < 0.5 * np.ptp(grid[~np.isnan(grid)])
+                    else "k",
+                )
     ax.set_title(f"{metric.replace('_', ' ')}, depth {depth} (best noise per cell)")
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
@@ -84,28 +101,29 @@ def learning_curve(store: KernelStore, sizes: list[int] | None = None) -> list[d
     Uses the store's Cholesky factor (``solve --method cholesky``): U[:n, :n] factors the first
     n points' kernel plus the same absolute noise. Streams tiles; memory is a few tiles.
     """
-    from .predict import leading_alpha, targets  # noqa: PLC0415
-
-    g, meta = store.group, store.meta
+    meta = store.meta
     solved = meta.get("solve") or {}
-    if solved.get("method") != "cholesky" or "chol" not in g or "alpha" not in g:
+    if solved.get("method") != "cholesky" or not (store.has(CHOL) and store.has(ALPHA)):
         raise UserError(
             f"{store.url}: the learning curve needs a Cholesky solve; run "
             f"'nngp-dist solve --store {store.url}' (without --method cg) first"
         )
     n, t, m = meta["n_train"], solve_block(meta), meta["n_test"]
     sizes = sorted({min(s, n) for s in (sizes or DEFAULT_SIZES) if s >= 1} | {n})
-    tt = np.asarray(g["t_train"][...], dtype=np.float64)
-    y = np.asarray(g["y_test"][...])
+    tt = np.asarray(store.read(T_TRAIN), dtype=np.float64)
+    y = store.read(Y_TEST)
     labels = y.dtype.kind in "iu"
     truth = targets(y, tt.shape[1]) if labels else y.reshape(m, -1)
     out = []
     for size in sizes:
-        alpha = np.asarray(g["alpha"][...]) if size == n else leading_alpha(g, t, size, tt)[0]
+        if size == n:
+            alpha = store.read(ALPHA)
+        else:
+            alpha = leading_alpha(store.array(CHOL), t, size, tt)[0]
         mean = np.zeros((m, tt.shape[1]))
         for j in range(math.ceil(size / t)):
             cols = span(t, size, j)
-            mean += np.asarray(g["k_test_train"][:, cols], dtype=np.float64) @ alpha[cols]
+            mean += np.asarray(store.array(K_TEST_TRAIN)[:, cols], dtype=np.float64) @ alpha[cols]
         row = {"n_train": size, "mse": float(((mean - truth) ** 2).mean())}
         if labels:
             row["accuracy"] = float((mean.argmax(1) == y).mean())
@@ -114,8 +132,6 @@ def learning_curve(store: KernelStore, sizes: list[int] | None = None) -> list[d
 
 
 def _calibration_png(store: KernelStore, path: str, bins: int) -> str:
-    from .predict import metrics  # noqa: PLC0415
-
     plt = _pyplot()
     cal = metrics(store, bins=bins)["calibration"]
     v = np.array([b["mean_variance"] for b in cal])
@@ -133,19 +149,19 @@ def _calibration_png(store: KernelStore, path: str, bins: int) -> str:
 
 def _kernel_png(store: KernelStore, path: str, sample: int) -> str:
     plt = _pyplot()
-    g, meta = store.group, store.meta
+    meta = store.meta
     n, t = meta["n_train"], meta["tile_size"]
     s = min(sample, n)
     k = np.empty((s, s))
     for i in range(math.ceil(s / t)):
         for j in range(i, math.ceil(s / t)):
             r, c = span(t, s, i), span(t, s, j)
-            tile = np.asarray(g["k_train_train"][r, c], dtype=np.float64)
+            tile = np.asarray(store.array(K_TRAIN_TRAIN)[r, c], dtype=np.float64)
             k[r, c] = tile
             k[c, r] = tile.T
-    k = np.triu(k) + np.triu(k, 1).T  # diagonal tiles hold their upper triangle
+    k = symmetric(k)  # diagonal tiles hold their upper triangle
     d = np.sqrt(np.diag(k))
-    y = np.asarray(g["y_train"][:s])
+    y = np.asarray(store.array(Y_TRAIN)[:s])
     order = np.argsort(y, kind="stable") if y.dtype.kind in "iu" else np.arange(s)
     corr = (k / d[:, None] / d[None, :])[np.ix_(order, order)]
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
@@ -175,8 +191,15 @@ def _curve_png(rows: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
-def figures(store: str, out: str, *, sweep: str | None = None, sizes: list[int] | None = None,
-            sample: int = 500, bins: int = 20) -> dict:  # fmt: skip
+def figures(
+    store: str,
+    out: str,
+    *,
+    sweep: str | None = None,
+    sizes: list[int] | None = None,
+    sample: int = 500,
+    bins: int = 20,
+) -> dict:
     """Write the PNGs this module describes into ``out``; return their paths and the curve."""
     ks = KernelStore.open(store)
     stage = ks.status()["stage"]

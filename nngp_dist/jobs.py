@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 
 from . import backend, config, datasets
-from .cluster import connect, scheduler_address
-from .compute import compute_kernel
+from .cluster import scheduler_address, with_client, worker_memory
+from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
-from .storage import KernelStore, _utcnow, normalize_url, solve_block, writable
-from .tiling import TilePlan
+from .layout import ALPHA, Y_TEST, Y_TRAIN
+from .options import ClusterOptions, PredictOptions, SolveOptions, integer, take
+from .predict import metrics, output_scale, predict_test, solve_alpha, targets
+from .select import check_options, noise_grid
+from .solvers import cg
+from .solvers.cholesky import NotPositiveDefinite, factorize
+from .storage import KernelStore, normalize_url, utcnow
+from .tiling import TilePlan, image_tile_size
 
-__all__ = ["check_run", "kernel", "predict", "run", "solve"]
+__all__ = ["check_run", "kernel", "predict", "run", "solve", "status"]
 
 
 def kernel(
@@ -80,29 +86,8 @@ def kernel(
     ...        train_size=500, test_size=100)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
-    conv_options = {"filter_size": filter_size, "stride": stride, "dilation": dilation,
-                    "padding": padding, "skip_every": skip_every, "readout": readout}  # fmt: skip
-    given = {k: v for k, v in conv_options.items() if v is not None}
-    _check_applicable(arch, depth, given)
-    try:
-        spec = Spec(
-            arch=arch,
-            activation=activation,
-            weight_var=weight_var,
-            bias_var=bias_var,
-            kernel=kernel,
-            **({"depth": depth} if depth is not None else {}),
-            **given,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if tile_size is not None or not spec.is_image:
-        tile_size = _integer("tile-size", config.get("tile-size", tile_size))
-        if tile_size < 1:
-            raise UserError(f"--tile-size must be positive, got {tile_size}")
-    dtype = str(config.get("dtype", dtype))
-    if dtype not in ("float64", "float32"):
-        raise UserError(f"--dtype must be float64 or float32, got {dtype!r}")
+    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
+    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
     if not isinstance(dataset, datasets.Dataset):
         dataset = datasets.load(
             dataset,
@@ -111,22 +96,9 @@ def kernel(
             test_size=test_size,
             standardize=standardize,
         )
-    data = dataset.flattened()
-    try:
-        spec = spec.with_image_shape(dataset.x_train.shape[1:])
-    except ValueError as e:
-        raise UserError(f"{dataset.name}: {e}") from None
-    _probe(spec, data, dtype)  # before the tile size: it reports a bad geometry clearly
-    if tile_size is None:
-        from .tiling import image_tile_size  # noqa: PLC0415
-
-        gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
-        tile_size = image_tile_size(spec, gpu=gpu)
-    local = client is None and scheduler_address(scheduler) is None  # the workers are ours
-    if device == "gpu" and local and not dry_run and not backend.cupy_available():
-        raise UserError(
-            "--device gpu: CuPy with a GPU is not available here (pip install '.[gpu]')"
-        )
+    spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device)
+    if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
+        _need_gpu()  # the embedded cluster's workers are this machine's
     store = normalize_url(store)
     meta = KernelStore.identity(spec, data, tile_size, dtype)
     action = KernelStore.check(store, meta, overwrite=overwrite, replace_test=replace_test)
@@ -134,59 +106,106 @@ def kernel(
     if dry_run:
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
 
-    def run(c: Any) -> dict:
-        if c is not None and progress:
-            print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
-        if action == "create":
-            ks = KernelStore.create(store, meta, data, plan)
-        else:
-            ks = KernelStore.open(store, "r+")
-            if action == "replace-test":
-                ks.replace_test(data)
-        return {
-            "store": str(store),
-            "action": action,
-            **compute_kernel(ks, client=c, device=device, progress=progress, spec=spec),
-        }
-
-    return _with_client(run, client, scheduler, workers, memory_limit, allow_synchronous=True)
+    job = functools.partial(_fill, store, action, meta, data, plan, spec, device, progress)
+    return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
 
 
-def _with_client(
-    fn: Any,
-    client: Any,
-    scheduler: str | None,
-    workers: int | None,
-    memory_limit: str | None,
-    allow_synchronous: bool = False,
-) -> Any:
-    if client is not None:
-        return fn(client)
-    if scheduler == "synchronous":
-        if allow_synchronous:
-            return fn(None)
-        scheduler = None  # the solver stages need a task graph: use an embedded cluster
-    with connect(scheduler, workers=workers, memory_limit=memory_limit) as c:
-        return fn(c)
-
-
-def solve(
+def _fill(
     store: str,
-    *,
-    noise: float | None = None,
-    max_noise: float | None = None,
-    method: str = "cholesky",
-    tol: float = 1e-8,
-    maxiter: int = 1000,
-    preconditioner: str = "nystrom",
-    validation_size: int = 0,
-    select_by: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    memory_limit: str | None = None,
-    progress: bool = True,
-    client: Any = None,
+    action: str,
+    meta: dict,
+    data: datasets.Dataset,
+    plan: TilePlan,
+    spec: Spec,
+    device: str,
+    progress: bool,
+    c: Any,
 ) -> dict:
+    """Create, resume or replace the test set of the store as ``action`` says, then compute
+    its missing tiles with client ``c`` (None: in this process)."""
+    if c is not None and progress:
+        print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
+    if action == "create":
+        ks = KernelStore.create(store, meta, data, plan)
+    else:
+        ks = KernelStore.open(store, "r+")
+        if action == "replace-test":
+            ks.replace_test(data)
+    summary = compute_kernel(ks, client=c, device=device, progress=progress, spec=spec)
+    return {"store": str(store), "action": action, **summary}
+
+
+def _need_gpu() -> None:
+    if not backend.cupy_available():
+        raise UserError(
+            "--device gpu: CuPy with a GPU is not available here (pip install '.[gpu]')"
+        )
+
+
+def _resolve(
+    spec: Spec, dataset: datasets.Dataset, tile_size: int | None, dtype: str | None, device: str
+) -> tuple[Spec, datasets.Dataset, int, str]:
+    """The spec with the images' shape, the flattened data, the tile size and the dtype, all
+    checked (the kernel is probed on a few inputs before the tile size is chosen, so that a
+    bad geometry is reported clearly)."""
+    if tile_size is not None or not spec.is_image:
+        tile_size = integer("--tile-size", config.get("tile-size", tile_size))
+        if tile_size < 1:
+            raise UserError(f"--tile-size must be positive, got {tile_size}")
+    dtype = str(config.get("dtype", dtype))
+    if dtype not in ("float64", "float32"):
+        raise UserError(f"--dtype must be float64 or float32, got {dtype!r}")
+    data = dataset.flattened()
+    try:
+        spec = spec.with_image_shape(dataset.x_train.shape[1:])
+    except ValueError as e:
+        raise UserError(f"{dataset.name}: {e}") from None
+    probe(spec, data, dtype)
+    if tile_size is None:
+        gpu = device == "gpu" or (device == "auto" and backend.cupy_available())
+        tile_size = image_tile_size(spec, gpu=gpu)
+    return spec, data, tile_size, dtype
+
+
+# Which of the architecture options each architecture has; the others are refused, not ignored.
+CONV_OPTIONS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout")
+ARCH_OPTIONS = {"fc": ("depth",), "conv": ("depth", *CONV_OPTIONS), "resnet32": ()}
+
+
+def _spec(
+    arch: str,
+    depth: int | None,
+    activation: Any,
+    weight_var: float,
+    bias_var: float,
+    kernel: str,
+    conv: dict,
+) -> Spec:
+    """The architecture from the kernel options, refusing options ``arch`` does not have."""
+    given = {k: v for k, v in {"depth": depth, **conv}.items() if v is not None}
+    unused = [k for k in given if k not in ARCH_OPTIONS.get(arch, given)]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
+        one = len(unused) == 1
+        raise UserError(
+            f"{flags} {'does' if one else 'do'} not apply to --arch {arch}, which "
+            f"{fixed}: drop {'it' if one else 'them'} (or use --arch conv)"
+        )
+    try:
+        return Spec(
+            arch=arch,
+            activation=activation,
+            weight_var=weight_var,
+            bias_var=bias_var,
+            kernel=kernel,
+            **given,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
     """Solve for ``alpha = (K + s I)^-1 T``; return the solve record (also kept in the store).
 
     ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
@@ -202,125 +221,114 @@ def solve(
     block-jacobi or none) to relative residual
     ``tol`` (at most ``maxiter`` iterations) with no factor; it gives no log-determinant, so no
     marginal likelihood, and warns if it stops unconverged.
-    """
-    from .predict import solve_alpha, targets  # noqa: PLC0415
-    from .solvers.cholesky import NotPositiveDefinite, factorize  # noqa: PLC0415
 
-    grid, max_noise = _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
-    noise = grid[0]
+    ``options`` are those of :class:`~nngp_dist.options.SolveOptions` (``noise``,
+    ``max_noise``, ``method``, ``tol``, ``maxiter``, ``preconditioner``, ``validation_size``,
+    ``select_by``) and of :class:`~nngp_dist.options.ClusterOptions` (``client``,
+    ``scheduler``, ``workers``, ``memory_limit``).
+    """
+    cluster = take(options, ClusterOptions)
+    opts = SolveOptions.checked(**options)
     ks = KernelStore.open(store, "r+")
+    t_train, by = _solve_inputs(ks, opts)
+
+    def go(c: Any) -> dict:
+        start = time.perf_counter()
+        ks.record_stage("solve", started=utcnow(), finished=None)
+        # Forget the previous solution first: a solve that fails or is killed from here on
+        # leaves a store that says it is unsolved, never one that reports old results.
+        ks.prepare_solve(t_train)
+        selection, chosen = None, opts.noise[0]
+        if opts.selects:
+            selection = noise_grid(
+                ks, c, list(opts.noise), validation_size=opts.validation_size, select_by=by
+            )
+            chosen = selection["chosen"]
+        record = _SOLVERS[opts.method](ks, c, chosen, t_train, opts, progress)
+        record.update(selection=selection, seconds=round(time.perf_counter() - start, 3))
+        ks.update_meta(solve=record)
+        ks.record_stage("solve", finished=utcnow(), seconds=record["seconds"])
+        return record
+
+    return with_client(go, **cluster)
+
+
+def _solve_inputs(ks: KernelStore, opts: SolveOptions) -> tuple[np.ndarray, str]:
+    """The training targets and the noise criterion, after checking that the store can be
+    solved: its kernel complete, its labels usable, the grid's options valid."""
     st = ks.status()
     missing = st["tiles_total"] - st["tiles_done"]
     if missing:
         raise UserError(
-            f"the kernel in {store} is incomplete: {missing} of {st['tiles_total']} tiles are "
+            f"the kernel in {ks.url} is incomplete: {missing} of {st['tiles_total']} tiles are "
             "missing. Finish it by re-running the same 'nngp-dist kernel' command (it computes "
             "only the missing tiles), then solve."
         )
-    y_train, y_test = ks.group["y_train"][...], ks.group["y_test"][...]
+    y_train, y_test = ks.read(Y_TRAIN), ks.read(Y_TEST)
     if y_train.dtype.kind == "f" and not np.isfinite(y_train).all():
-        raise UserError(f"{store}: y_train has NaN or infinite targets")
+        raise UserError(f"{ks.url}: y_train has NaN or infinite targets")
     if y_train.dtype.kind == "i" and min(y_train.min(), y_test.min()) < 0:
-        raise UserError(f"{store}: class labels must be 0, 1, 2, ...; found negative labels")
+        raise UserError(f"{ks.url}: class labels must be 0, 1, 2, ...; found negative labels")
     n_classes = int(max(y_train.max(), y_test.max()) + 1) if y_train.dtype.kind in "iu" else None
-    t_train = targets(y_train, n_classes)
-    by = select_by or ("accuracy" if validation_size and n_classes else "lml")
-    if len(grid) > 1 or validation_size:
-        from .select import check_options  # noqa: PLC0415
-
-        check_options(ks.meta["n_train"], validation_size, by, n_classes is not None)
-
-    def go(c: Any) -> dict:
-        nonlocal noise
-        start = time.perf_counter()
-        ks.record_stage("solve", started=_utcnow(), finished=None)
-        # Forget the previous solution first: a solve that fails or is killed from here on
-        # leaves a store that says it is unsolved, never one that reports old results.
-        ks.prepare_solve(t_train)
-        selection = None
-        if len(grid) > 1 or validation_size:
-            from .select import noise_grid  # noqa: PLC0415
-
-            selection = noise_grid(ks, c, grid, validation_size=validation_size, select_by=by)
-            noise = selection["chosen"]
-        if method == "cg":
-            return _solve_cg(ks, c, noise, t_train, tol, maxiter, preconditioner, start, selection)
-        try:
-            factor = factorize(ks, client=c, noise=noise, max_noise=max_noise, progress=progress)
-        except NotPositiveDefinite as e:
-            raise UserError(str(e)) from None
-        solution = solve_alpha(ks, client=c)
-        record = {
-            "method": method,
-            "noise": factor["noise_rel"],
-            "noise_abs": factor["noise"],
-            "noise_requested": noise,
-            "attempts": factor["attempts"],
-            "log_marginal_likelihood": solution["log_marginal_likelihood"],
-            "output_scale": solution["output_scale"],
-            "selection": selection,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        ks.update_meta(solve=record)
-        ks.record_stage("solve", finished=_utcnow(), seconds=record["seconds"])
-        return record
-
-    return _with_client(go, client, scheduler, workers, memory_limit)
+    by = opts.select_by or ("accuracy" if opts.validation_size and n_classes else "lml")
+    if opts.selects:
+        check_options(ks.meta["n_train"], opts.validation_size, by, n_classes is not None)
+    return targets(y_train, n_classes), by
 
 
-def _solve_cg(ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, tol: float,
-              maxiter: int, preconditioner: str, start: float,
-              selection: dict | None) -> dict:  # fmt: skip
-    import warnings  # noqa: PLC0415
+def _solve_cholesky(
+    ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, opts: SolveOptions, progress: bool
+) -> dict:
+    """Factor ``K + s I`` into the store, then alpha from the factor."""
+    try:
+        factor = factorize(ks, client=c, noise=noise, max_noise=opts.max_noise, progress=progress)
+    except NotPositiveDefinite as e:
+        raise UserError(str(e)) from None
+    solution = solve_alpha(ks, client=c)
+    return {
+        "method": "cholesky",
+        "noise": factor["noise_rel"],
+        "noise_abs": factor["noise"],
+        "noise_requested": noise,
+        "attempts": factor["attempts"],
+        "log_marginal_likelihood": solution["log_marginal_likelihood"],
+        "output_scale": solution["output_scale"],
+    }
 
-    from .predict import output_scale  # noqa: PLC0415
-    from .solvers import cg  # noqa: PLC0415
 
-    mean_diag = float(np.mean(ks.group["k_train_diag"][...]))
-    s = noise * mean_diag
-    for name in ("chol", "chol_work0", "chol_work1", "tiles/chol", "tiles/chol_step"):
-        if name in ks.group:  # a factor of an earlier Cholesky solve no longer applies
-            del ks.group[name]
+def _solve_cg(
+    ks: KernelStore, c: Any, noise: float, t_train: np.ndarray, opts: SolveOptions, progress: bool
+) -> dict:
+    """Preconditioned CG on the stored kernel; no factor (an earlier one no longer applies)."""
+    jitter = noise * ks.mean_diag()
+    ks.drop_factor()
     ks.update_meta(factor=None)
-    system = cg.StoreSystem(ks, c, s, precond=preconditioner)
-    alpha, log = system.solve(t_train, tol=tol, maxiter=maxiter)
-    ks.group["alpha"][...] = alpha
+    system = cg.StoreSystem(ks, c, jitter, precond=opts.preconditioner)
+    alpha, log = system.solve(t_train, tol=opts.tol, maxiter=opts.maxiter)
+    ks.array(ALPHA)[...] = alpha
     if not log["converged"]:
         warnings.warn(
             f"CG stopped unconverged after {log['iterations']} iterations: relative residual "
-            f"{log['true_residual']:.3g} > tol {tol:g}. Raise --maxiter or --noise, or use "
+            f"{log['true_residual']:.3g} > tol {opts.tol:g}. Raise --maxiter or --noise, or use "
             "--method cholesky.",
             UserWarning,
             stacklevel=2,
         )
-    record = {
+    return {
         "method": "cg",
         "noise": noise,
-        "noise_abs": s,
+        "noise_abs": jitter,
         "noise_requested": noise,
         "log_marginal_likelihood": None,
         "output_scale": output_scale(t_train, alpha),
-        "cg": {**log, "maxiter": maxiter},
-        "selection": selection,
-        "seconds": round(time.perf_counter() - start, 3),
+        "cg": {**log, "maxiter": opts.maxiter},
     }
-    ks.update_meta(solve=record, factor=None)
-    ks.record_stage("solve", finished=_utcnow(), seconds=record["seconds"])
-    return record
 
 
-def predict(
-    store: str,
-    *,
-    json_path: str | None = None,
-    bins: int = 10,
-    score: bool = True,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    memory_limit: str | None = None,
-    progress: bool = True,
-    client: Any = None,
-) -> dict:
+_SOLVERS = {"cholesky": _solve_cholesky, "cg": _solve_cg}
+
+
+def predict(store: str, *, score: bool = True, progress: bool = True, **options: Any) -> dict:
     """Posterior means and variances of the test points, metrics; optionally a JSON report.
 
     The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
@@ -328,215 +336,89 @@ def predict(
     points binned by predictive variance, ``output_scale * (variance + noise_abs)``),
     ``noise``, ``n_train``, ``n_test``, ``variance_clamped`` and ``seconds`` per stage. With
     ``score=False`` (test points without labels) the three scores against the test labels are
-    left out.
+    left out. ``options`` are those of :class:`~nngp_dist.options.PredictOptions`
+    (``json_path``, ``bins``) and :class:`~nngp_dist.options.ClusterOptions`.
     """
-    from .predict import metrics, predict_block_size, predict_test, predict_test_cg  # noqa: PLC0415
-
-    _check_predict_options(bins, json_path)
+    cluster = take(options, ClusterOptions)
+    opts = PredictOptions.checked(**options)
     ks = KernelStore.open(store, "r+")
     if ks.status()["stage"] not in ("solved", "predict", "done"):
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
-    solved = ks.meta["solve"]
-    by_cg = solved["method"] == "cg"
 
     def go(c: Any) -> dict:
-        block = predict_block_size(ks.meta["n_train"], solve_block(ks.meta), ks.meta["n_test"],
-                                   _worker_memory(c))  # fmt: skip
-        ks.prepare_predict(min(block, 256) if by_cg else block)
         start = time.perf_counter()
-        ks.record_stage("predict", started=_utcnow(), finished=None)
-        if by_cg:
-            cg_log = solved["cg"]
-            out = predict_test_cg(ks, client=c, tol=cg_log["tol"], maxiter=cg_log["maxiter"],
-                                  progress=progress)  # fmt: skip
-            clamped, unconverged = out["variance_clamped"], out["blocks_unconverged"]
-            if unconverged:
-                import warnings  # noqa: PLC0415
-
-                warnings.warn(
-                    f"CG did not converge for the variances of {unconverged} test block(s); "
-                    "raise --maxiter or --noise, or use --method cholesky",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        else:
-            clamped = predict_test(ks, client=c, progress=progress)["variance_clamped"]
-            unconverged = 0
-        meta = ks.meta
+        ks.record_stage("predict", started=utcnow(), finished=None)
+        out = predict_test(ks, client=c, progress=progress, workers=worker_memory(c))
+        if out["variance_blocks_unconverged"]:
+            warnings.warn(
+                f"CG did not converge for the variances of {out['variance_blocks_unconverged']} "
+                "test block(s); raise --maxiter or --noise, or use --method cholesky",
+                UserWarning,
+                stacklevel=2,
+            )
+        solved = ks.meta["solve"]
         report = {
-            **(metrics(ks, bins=bins) if score else {}),
-            "log_marginal_likelihood": meta["solve"]["log_marginal_likelihood"],
-            "output_scale": meta["solve"].get("output_scale"),
-            "noise": meta["solve"]["noise"],
-            "noise_abs": meta["solve"]["noise_abs"],
-            "n_train": meta["n_train"],
-            "n_test": meta["n_test"],
-            "variance_clamped": clamped,
-            "variance_blocks_unconverged": unconverged,
-            "selection": meta["solve"].get("selection"),
+            **(metrics(ks, bins=opts.bins) if score else {}),
+            "log_marginal_likelihood": solved["log_marginal_likelihood"],
+            "output_scale": solved.get("output_scale"),
+            "noise": solved["noise"],
+            "noise_abs": solved["noise_abs"],
+            "n_train": ks.meta["n_train"],
+            "n_test": ks.meta["n_test"],
+            "variance_clamped": out["variance_clamped"],
+            "variance_blocks_unconverged": out["variance_blocks_unconverged"],
+            "selection": solved.get("selection"),
         }
         seconds = round(time.perf_counter() - start, 3)
-        ks.record_stage("predict", finished=_utcnow(), seconds=seconds)
+        ks.record_stage("predict", finished=utcnow(), seconds=seconds)
         stages = ks.meta["stages"]
         report["seconds"] = {
             k: stages.get(k, {}).get("seconds") for k in ("kernel", "solve", "predict")
         }
         ks.update_meta(predict=report)
-        if json_path:
-            with open(json_path, "w") as f:
+        if opts.json_path:
+            with open(opts.json_path, "w") as f:
                 json.dump(report, f, indent=2)
         return report
 
-    return _with_client(go, client, scheduler, workers, memory_limit)
+    return with_client(go, **cluster)
 
 
-def run(
-    store: str,
-    *,
-    noise: float | None = None,
-    max_noise: float | None = None,
-    method: str = "cholesky",
-    tol: float = 1e-8,
-    maxiter: int = 1000,
-    preconditioner: str = "nystrom",
-    validation_size: int = 0,
-    select_by: str | None = None,
-    json_path: str | None = None,
-    bins: int = 10,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    memory_limit: str | None = None,
-    progress: bool = True,
-    client: Any = None,
-    **kernel_options: Any,
-) -> dict:
-    """Kernel, solve and predict in one go on one cluster; returns the predict report."""
-    # Every option is checked before the kernel is computed, not after.
-    _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
-    _check_predict_options(bins, json_path)
+def run(store: str, *, progress: bool = True, **options: Any) -> dict:
+    """Kernel, solve and predict in one go on one cluster; returns the predict report.
+
+    ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
+    checked before the kernel is computed, not after.
+    """
+    cluster = take(options, ClusterOptions)
+    solve_kw, predict_kw, kernel_kw = _split(options)
+    SolveOptions.checked(**solve_kw)
+    PredictOptions.checked(**predict_kw)
+    if cluster.get("scheduler") == "synchronous":
+        cluster["scheduler"] = None
 
     def go(c: Any) -> dict:
-        kernel(store, client=c, progress=progress, **kernel_options)
-        solve(store, noise=noise, max_noise=max_noise, method=method, tol=tol, maxiter=maxiter,
-              preconditioner=preconditioner, validation_size=validation_size,
-              select_by=select_by, client=c, progress=progress)  # fmt: skip
-        return predict(store, json_path=json_path, bins=bins, client=c, progress=progress)
+        kernel(store, client=c, progress=progress, **kernel_kw)
+        solve(store, client=c, progress=progress, **solve_kw)
+        return predict(store, client=c, progress=progress, **predict_kw)
 
-    if scheduler == "synchronous":
-        scheduler = None
-    return _with_client(go, client, scheduler, workers, memory_limit)
+    return with_client(go, **cluster)
 
 
-def _check_applicable(arch: str, depth: int | None, conv_options: dict) -> None:
-    """Refuse options the architecture does not have, naming them as the CLI spells them."""
-    unused = [] if arch == "conv" else list(conv_options)
-    if arch == "resnet32" and depth is not None:
-        unused.insert(0, "depth")
-    if unused:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
-        raise UserError(f"{flags} {'does' if len(unused) == 1 else 'do'} not apply to "
-                        f"--arch {arch}, which {fixed}: drop {'it' if len(unused) == 1 else 'them'}"
-                        " (or use --arch conv)")  # fmt: skip
-
-
-def check_run(store: str, *, noise: float | None = None, max_noise: float | None = None,
-              method: str = "cholesky", tol: float = 1e-8, maxiter: int = 1000,
-              preconditioner: str = "nystrom", validation_size: int = 0,
-              select_by: str | None = None, json_path: str | None = None, bins: int = 10,
-              **kernel_options: Any) -> dict:  # fmt: skip
+def check_run(store: str, **options: Any) -> dict:
     """Every check ``run`` makes before it computes anything, and nothing else."""
-    _check_solve_options(noise, max_noise, method, tol, maxiter, preconditioner)
-    _check_predict_options(bins, json_path)
-    return kernel(store, dry_run=True, **kernel_options)
+    solve_kw, predict_kw, kernel_kw = _split(options)
+    SolveOptions.checked(**solve_kw)
+    PredictOptions.checked(**predict_kw)
+    return kernel(store, dry_run=True, **kernel_kw)
 
 
-def _check_solve_options(noise: Any, max_noise: Any, method: str, tol: float, maxiter: int,
-                         preconditioner: str) -> tuple[list[float], float]:  # fmt: skip
-    from .solvers.cg import PRECONDITIONERS  # noqa: PLC0415
-
-    grid = _noise_list(config.get("noise", noise))
-    max_noise = _positive("--max-noise", config.get("max-noise", max_noise))
-    if max_noise < max(grid):
-        raise UserError(f"--max-noise {max_noise:g} is below --noise {max(grid):g}")
-    if method not in ("cholesky", "cg"):
-        raise UserError(f"unknown --method {method!r}; choose cholesky or cg")
-    _positive("--tol", tol)
-    if int(maxiter) < 1:
-        raise UserError(f"--maxiter must be at least 1, got {maxiter}")
-    if preconditioner not in PRECONDITIONERS:
-        raise UserError(
-            f"unknown --preconditioner {preconditioner!r}; choose {', '.join(PRECONDITIONERS)}"
-        )
-    return grid, max_noise
+def _split(options: dict) -> tuple[dict, dict, dict]:
+    """``options`` split into the solve stage's, the predict stage's and the kernel's."""
+    return take(options, SolveOptions), take(options, PredictOptions), options
 
 
-def _worker_memory(c: Any) -> tuple[int, int]:
-    """(number of workers, smallest memory limit in bytes; 0 when unlimited)."""
-    info = c.scheduler_info()["workers"].values()
-    limits = [int(w.get("memory_limit") or 0) for w in info]
-    return len(limits), min(limits, default=0)
-
-
-def _check_predict_options(bins: int, json_path: str | None) -> None:
-    if int(bins) < 1:
-        raise UserError(f"--bins must be at least 1, got {bins}")
-    if json_path:
-        folder = os.path.dirname(os.path.abspath(json_path))
-        if not os.path.isdir(folder) or not writable(folder):
-            raise UserError(f"--json {json_path}: {folder} is not a writable directory")
-
-
-def _noise_list(value: Any) -> list[float]:
-    if isinstance(value, str):
-        parts = [p for p in value.split(",") if p.strip()]
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [value]
-    if not parts:
-        raise UserError("--noise needs at least one value")
-    return [_positive("--noise", p) for p in parts]
-
-
-def _probe(spec: Spec, data: Any, dtype: str) -> None:
-    """Evaluate the kernel on a few inputs before anything is written, so that a bad activation
-    (one that does not take arrays) or overflowing inputs fail here, not inside a tile."""
-    try:
-        Spec.from_dict(spec.to_dict())
-    except ValueError as e:
-        raise UserError(
-            f"the activation {spec.activation.name!r} cannot be recorded in the store and "
-            f"rebuilt by the workers ({e}); give a Python function as 'module:function' "
-            "naming an importable module-level function"
-        ) from None
-    x = np.concatenate([data.x_train[:3], data.x_test[:2]])
-    try:
-        k = spec.cross(x, x)
-        d = spec.diag(x)
-    except Exception as e:  # the user's function, whatever it raises
-        raise UserError(f"the kernel cannot be evaluated: {type(e).__name__}: {e}") from None
-    with np.errstate(over="ignore"):  # overflow in the cast is what is being checked
-        finite = np.isfinite(k.astype(dtype)).all() and np.isfinite(d.astype(dtype)).all()
-    if not finite:
-        raise UserError(
-            f"the kernel of the first inputs is not finite in {dtype} (overflow?): check the "
-            "inputs' scale, --weight-var, --bias-var, --depth and --dtype"
-        )
-
-
-def _integer(key: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key} must be an integer, got {value!r}") from None
-
-
-def _positive(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise UserError(f"{name} must be positive and finite, got {value!r}")
-    return v
+def status(store: str) -> dict:
+    """A store's progress: tiles done and total, stage, spec, timings (see
+    :meth:`KernelStore.status`). Reads only."""
+    return KernelStore.open(store).status()

@@ -6,45 +6,45 @@ gives ``alpha(s) = (K_fit + s I)^-1 T``, the log marginal likelihood
 predictions ``K_val,fit alpha(s)`` (their accuracy and MSE).
 
 One eigendecomposition would serve every value at once, but costs about 20 factorisations
-(measured on a 10k ConvNet kernel: 224 s against ~10 s per factorisation), and grids hold 3
-to 6 values. The validation split is the last ``V`` training examples (as Lee et al. and
-Garriga-Alonso et al. held out the last 10,000 of MNIST's training set). The factorisations
-run on one worker in memory, so the grid is for N up to about 20,000 (a 3.2 GB matrix and its
-factor).
+(benchmarks/RESULTS.md), and grids hold 3 to 6 values. The validation split is the last ``V``
+training examples (as Lee et al. and Garriga-Alonso et al. held out the last 10,000 of MNIST's
+training set). The factorisations run on one worker in memory, so the grid is for N up to about
+20,000 (a 3.2 GB matrix and its factor).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
-from . import workers
 from .errors import UserError
-from .predict import targets
-from .storage import KernelStore, solve_block
-from .tiling import span
+from .layout import K_TRAIN_TRAIN, Y_TEST, Y_TRAIN
+from .predict import log_marginal_likelihood, targets
+from .storage import KernelStore
+from .tiling import symmetric
+from .workers import TaskContext, store_task
 
 __all__ = ["MAX_GRID_N", "check_options", "noise_grid", "noisy_solve"]
 
 MAX_GRID_N = 20000
 
 
-def _columns(g: Any, n: int, t: int, n_fit: int) -> np.ndarray:
+def _columns(ctx: TaskContext, g: Any, n_fit: int) -> np.ndarray:
     """``K[:, :n_fit]`` of the symmetric train matrix, from the upper tiles (worker side);
     the validation x validation block is never needed, so never read."""
+    n = ctx.n
     k = np.empty((n, n_fit))
-    arr = g["k_train_train"]
-    nt = math.ceil(n / t)
-    for i in range(nt):
-        for j in range(i, nt):
-            r, c = span(t, n, i), span(t, n, j)
+    arr = g[K_TRAIN_TRAIN]
+    for i in range(ctx.blocks):
+        for j in range(i, ctx.blocks):
+            r, c = ctx.span(i), ctx.span(j)
             if r.start >= n_fit:
                 continue
             tile = np.asarray(arr[r, c], dtype=np.float64)
             if i == j:
-                tile = np.triu(tile) + np.triu(tile, 1).T
+                tile = symmetric(tile)
             cf = slice(c.start, min(c.stop, n_fit))
             if cf.start < cf.stop:
                 k[r, cf] = tile[:, : cf.stop - cf.start]
@@ -57,8 +57,6 @@ def _columns(g: Any, n: int, t: int, n_fit: int) -> np.ndarray:
 def noisy_solve(k: np.ndarray, t: np.ndarray, noise: float) -> tuple[np.ndarray, float] | None:
     """``(K + noise I)^-1 t`` and ``log det(K + noise I)``, by one Cholesky factorisation of a
     copy of ``K``; None where ``K + noise I`` is not positive definite."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve  # noqa: PLC0415
-
     a = np.array(k, dtype=np.float64, order="F")
     a[np.diag_indices(len(a))] += noise
     try:
@@ -69,24 +67,24 @@ def noisy_solve(k: np.ndarray, t: np.ndarray, noise: float) -> tuple[np.ndarray,
     return cho_solve(low, t, check_finite=False), logdet
 
 
-def _grid_task(url: str, token: str, n: int, t: int, n_fit: int, noises: list[float],
-               n_classes: int | None) -> list[dict]:  # fmt: skip
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    k = _columns(g, n, t, n_fit)
-    y = np.asarray(g["y_train"][...])
+@store_task
+def _grid_task(
+    ctx: TaskContext, g: Any, n_fit: int, jitters: list[float], n_classes: int | None
+) -> list[dict]:
+    n = ctx.n
+    k = _columns(ctx, g, n_fit)
+    y = np.asarray(g[Y_TRAIN][...])
     tt = targets(y, n_classes)
     fit, k_val, t_fit = k[:n_fit], k[n_fit:], tt[:n_fit]
     c = tt.shape[1]
     rows = []
-    for s in noises:
+    for s in jitters:
         solved = noisy_solve(fit, t_fit, s)
         if solved is None:
             rows.append({"noise_abs": s, "result": "not positive definite"})
             continue
         alpha, logdet = solved
-        lml = (-0.5 * float((t_fit * alpha).sum()) - 0.5 * c * logdet
-               - 0.5 * c * n_fit * math.log(2 * math.pi))  # fmt: skip
+        lml = log_marginal_likelihood(float((t_fit * alpha).sum()), logdet, n_fit, c)
         row = {"noise_abs": s, "result": "ok", "log_marginal_likelihood": lml}
         if n_fit < n:
             mean = k_val @ alpha
@@ -115,25 +113,25 @@ def check_options(n: int, validation_size: int, select_by: str, labels: bool) ->
         raise UserError("--select-by accuracy needs integer labels; use mse or lml")
 
 
-def noise_grid(store: KernelStore, client: Any, noises: list[float], *, validation_size: int,
-               select_by: str) -> dict:  # fmt: skip
+def noise_grid(
+    store: KernelStore, client: Any, noises: list[float], *, validation_size: int, select_by: str
+) -> dict:
     """Evaluate every relative noise in ``noises``; return the table and the chosen noise.
 
     ``select_by`` is ``accuracy`` (validation accuracy; needs a validation split and labels),
     ``mse`` (validation MSE) or ``lml`` (the log marginal likelihood of the fitted points).
     """
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
+    ctx = TaskContext.of(store)
+    n = ctx.n
     n_fit = n - validation_size
-    y = store.group["y_train"][...]
+    y = store.read(Y_TRAIN)
     n_classes = None
     if y.dtype.kind in "iu":
-        n_classes = int(max(y.max(), store.group["y_test"][...].max()) + 1)
+        n_classes = int(max(y.max(), store.read(Y_TEST).max()) + 1)
     check_options(n, validation_size, select_by, n_classes is not None)
-    mean_diag = float(np.mean(store.group["k_train_diag"][...]))
-    url, token = store.url, workers.store_token(meta)
-    rows = client.submit(_grid_task, url, token, n, t, n_fit, [s * mean_diag for s in noises],
-                         n_classes, pure=False).result()  # fmt: skip
+    mean_diag = store.mean_diag()
+    jitters = [s * mean_diag for s in noises]
+    rows = client.submit(_grid_task, ctx, n_fit, jitters, n_classes, pure=False).result()
     for rel, row in zip(noises, rows):
         row["noise"] = rel
     ok = [r for r in rows if r["result"] == "ok"]
@@ -145,5 +143,9 @@ def noise_grid(store: KernelStore, client: Any, noises: list[float], *, validati
         "lml": "log_marginal_likelihood",
     }
     best = (min if select_by == "mse" else max)(ok, key=lambda r: r[key[select_by]])
-    return {"grid": rows, "chosen": best["noise"], "select_by": select_by,
-            "validation_size": validation_size}  # fmt: skip
+    return {
+        "grid": rows,
+        "chosen": best["noise"],
+        "select_by": select_by,
+        "validation_size": validation_size,
+    }

@@ -1,24 +1,9 @@
 """The Zarr store: the single source of truth between stages, and a public contract.
 
-Layout (zarr v3; every array carries ``dimension_names``, so ``xarray.open_zarr`` reads it):
-
-========================  ==================  ============  =====================================
-array                     shape               chunks        contents
-========================  ==================  ============  =====================================
-``x_train``, ``x_test``   (N, D), (M, D)      (T, D)        inputs exactly as used, float64
-``y_train``, ``y_test``   (N,), (M,)          (T,)          labels (int64) or targets (float64)
-``k_train_train``         (N, N)              (T, T)        kernel; only tiles with row tile <=
-                                                            column tile are written, the rest
-                                                            stay at the fill value NaN
-``k_test_train``          (M, N)              (T, T)        test x train kernel
-``k_train_diag``          (N,)                (T,)          k(x, x) for training inputs
-``k_test_diag``           (M,)                (T,)          k(x, x) for test inputs
-``tiles/<array>``         tile grid           1 per tile    completion records: NaN until the
-                                                            tile is completely written, then
-                                                            the seconds its task took
-========================  ==================  ============  =====================================
-
-Chunk edges are capped at the array's extent (a test set of M < T rows: (M, T) chunks).
+The layout (every array's name, shape, chunks and meaning) is :mod:`nngp_dist.layout`, and the
+README's table is generated from it. This module is the only one that creates, opens and drops
+the store's arrays; other modules name them through :mod:`nngp_dist.layout`'s constants. Every
+array carries ``dimension_names``, so ``xarray.open_zarr`` reads the store.
 
 Root attributes, under ``nngp_dist``: ``layout`` (this layout's version), ``version`` (of the
 package that created the store), ``spec`` and ``spec_hash`` (the canonical architecture),
@@ -38,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,42 +31,69 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import __version__
+from ._version import __version__
 from .datasets import Dataset
 from .errors import StoreMismatch, UserError
 from .kernels import Spec
-from .tiling import TilePlan, solve_block_size
+from .layout import (
+    ALPHA,
+    CG_BLOCKJACOBI,
+    CG_NYSTROM,
+    CHOL,
+    CHOL_STEP,
+    CHOL_WORK,
+    DIMS,
+    K_TEST_DIAG,
+    K_TEST_TRAIN,
+    K_TRAIN_DIAG,
+    K_TRAIN_TRAIN,
+    KERNEL_ARRAYS,
+    MEAN,
+    PREDICT,
+    RECORDS,
+    T_TRAIN,
+    VARIANCE,
+    X_TEST,
+    X_TRAIN,
+    Y_TEST,
+    Y_TRAIN,
+    record,
+)
+from .tiling import TilePlan, solve_block_size, symmetric
 
-__all__ = ["LAYOUT_VERSION", "KernelStore", "open_store", "solve_block"]
+__all__ = [
+    "KERNEL_ARRAYS",
+    "LAYOUT_VERSION",
+    "KernelStore",
+    "is_local",
+    "local_path",
+    "normalize_url",
+    "open_store",
+    "solve_block",
+    "utcnow",
+    "writable",
+]
 
 LAYOUT_VERSION = 1
-KERNEL_ARRAYS = ("k_train_train", "k_test_train", "k_train_diag", "k_test_diag")
 # Identity of a store: a run may only add tiles to a store whose identity matches its own.
 IDENTITY = ("layout", "spec_hash", "fingerprint", "tile_size", "dtype")
 # Blosc-LZ4 with byte shuffle: 1.3x on float64 kernel tiles at 0.7 GB/s, faster than these
-# machines' disks; Zstd (zarr's default) compressed only 1.1x at 0.3 GB/s (DESIGN.md).
+# machines' disks; Zstd (zarr's default) compressed only 1.1x at 0.3 GB/s (docs/design.md).
 COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
-DIMS = {
-    "x_train": ("train", "feature"),
-    "x_test": ("test", "feature"),
-    "y_train": ("train",),
-    "y_test": ("test",),
-    "k_train_train": ("train", "train_col"),
-    "k_test_train": ("test", "train_col"),
-    "k_train_diag": ("train",),
-    "k_test_diag": ("test",),
-}
 
 
-def _utcnow() -> str:
+def utcnow() -> str:
+    """Now, in UTC, as ISO 8601 to the second: the time stamps of the store's records."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """Whether ``url`` names a local directory (a path or ``file://``)."""
     return "://" not in url or url.startswith("file://")
 
 
-def _local_path(url: str) -> Path:
+def local_path(url: str) -> Path:
+    """The directory a local ``url`` names."""
     return Path(url.removeprefix("file://")).expanduser()
 
 
@@ -88,7 +101,7 @@ def normalize_url(url: str | os.PathLike) -> str:
     """A local path made absolute (``~`` expanded), so the client, every worker and every later
     run mean the same directory; URLs of other file systems unchanged."""
     url = os.fspath(url)
-    return str(_local_path(url).resolve()) if _is_local(url) else url
+    return str(local_path(url).resolve()) if is_local(url) else url
 
 
 def _open_group(url: str, mode: str) -> zarr.Group:
@@ -109,7 +122,7 @@ class KernelStore:
 
     def __init__(self, url: str, group: zarr.Group):
         self.url = url
-        self.group = group
+        self._group = group
 
     # --- opening and creating -----------------------------------------------------------------
 
@@ -117,7 +130,7 @@ class KernelStore:
     def open(cls, url: str, mode: str = "r") -> KernelStore:
         """Open an existing store; :class:`UserError` if there is none at ``url``."""
         url = normalize_url(url)
-        if _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
+        if is_local(url) and not (local_path(url) / "zarr.json").is_file():
             raise UserError(f"no kernel store at {url}; create one with 'nngp-dist kernel'")
         try:
             group = _open_group(url, mode)
@@ -152,8 +165,9 @@ class KernelStore:
         }
 
     @classmethod
-    def check(cls, url: str, meta: dict, *, overwrite: bool = False,
-              replace_test: bool = False) -> str:  # fmt: skip
+    def check(
+        cls, url: str, meta: dict, *, overwrite: bool = False, replace_test: bool = False
+    ) -> str:
         """Decide, without writing anything, what a run with identity ``meta`` may do at ``url``.
 
         Returns ``"create"`` (no store there, or ``overwrite``), ``"resume"`` (a matching
@@ -163,8 +177,8 @@ class KernelStore:
         identity, a path that is not a store, or a location that cannot be written.
         """
         url = normalize_url(url)
-        if _is_local(url):
-            path = _local_path(url)
+        if is_local(url):
+            path = local_path(url)
             if path.exists() and not path.is_dir():
                 raise UserError(f"{url} exists and is not a directory; choose another --store")
             probe = path
@@ -226,10 +240,10 @@ class KernelStore:
         root = zarr.open_group(url, mode="w", zarr_format=3)
         root.attrs["nngp_dist"] = {**meta, "creating": True}
         t = plan.tile_size
-        _create_inputs(root, data, ("x_train", "y_train", "x_test", "y_test"), t)
-        root.create_group("tiles")
+        _create_inputs(root, data, (X_TRAIN, Y_TRAIN, X_TEST, Y_TEST), t)
+        root.create_group(RECORDS)
         _create_kernel(root, plan, meta["dtype"], KERNEL_ARRAYS)
-        root.attrs["nngp_dist"] = {**meta, "created": _utcnow(), "stages": {}}
+        root.attrs["nngp_dist"] = {**meta, "created": utcnow(), "stages": {}}
         return cls(url, root)
 
     def replace_test(self, data: Dataset) -> None:
@@ -239,30 +253,39 @@ class KernelStore:
         Marked ``replacing_test`` until done, so a replacement stopped half-way is never
         resumed as if complete (:meth:`check` asks for it to be redone).
         """
-        g, meta = self.group, self.meta
+        g, meta = self._group, self.meta
         if meta.get("train_fingerprint") != data.train_fingerprint:
             raise UserError(f"{self.url}: a test set replaces one of the same training set only")
         self.update_meta(replacing_test=True)
-        for name in ("x_test", "y_test", "k_test_train", "k_test_diag", "tiles/k_test_train",
-                     "tiles/k_test_diag", "mean", "variance", "tiles/predict"):  # fmt: skip
-            if name in g:
-                del g[name]
+        for name in (
+            X_TEST,
+            Y_TEST,
+            K_TEST_TRAIN,
+            K_TEST_DIAG,
+            record(K_TEST_TRAIN),
+            record(K_TEST_DIAG),
+            MEAN,
+            VARIANCE,
+            record(PREDICT),
+        ):
+            self.drop(name)
         t = meta["tile_size"]
         plan = TilePlan(meta["n_train"], len(data.x_test), t)
-        _create_inputs(g, data, ("x_test", "y_test"), t)
-        _create_kernel(g, plan, meta["dtype"], ("k_test_train", "k_test_diag"))
+        _create_inputs(g, data, (X_TEST, Y_TEST), t)
+        _create_kernel(g, plan, meta["dtype"], (K_TEST_TRAIN, K_TEST_DIAG))
         meta = self.meta
         meta.pop("replacing_test")
         meta["stages"] = {k: v for k, v in meta.get("stages", {}).items() if k != "predict"}
-        meta.update(dataset=data.name, fingerprint=data.fingerprint, n_test=len(data.x_test),
-                    predict=None)  # fmt: skip
+        meta.update(
+            dataset=data.name, fingerprint=data.fingerprint, n_test=len(data.x_test), predict=None
+        )
         g.attrs["nngp_dist"] = meta
 
     # --- reading ------------------------------------------------------------------------------
 
     @property
     def meta(self) -> dict:
-        return dict(self.group.attrs["nngp_dist"])
+        return dict(self._group.attrs["nngp_dist"])
 
     @property
     def spec(self) -> Spec:
@@ -275,11 +298,11 @@ class KernelStore:
 
     def done(self, name: str) -> np.ndarray:
         """Boolean map of the tiles of ``name`` that are completely written."""
-        return ~np.isnan(self.group[f"tiles/{name}"][...])
+        return ~np.isnan(self._group[record(name)][...])
 
     def tile_seconds(self, name: str) -> np.ndarray:
         """The completion records of ``name``: seconds per tile, NaN where not done."""
-        return self.group[f"tiles/{name}"][...]
+        return self._group[record(name)][...]
 
     def status(self) -> dict:
         """Tiles done and total per array, stage, spec and timings."""
@@ -321,62 +344,136 @@ class KernelStore:
             return "kernel"
         if not meta.get("solve"):
             return "solve" if meta.get("factor") else "kernel-done"
-        if "tiles/predict" not in self.group:
+        if not self.has(record(PREDICT)):
             return "solved"
-        if np.isnan(self.group["tiles/predict"][...]).any() or not meta.get("predict"):
+        if np.isnan(self.read(record(PREDICT))).any() or not meta.get("predict"):
             return "predict"
         return "done"
 
     def solver_progress(self) -> dict:
         """Factor tiles done and prediction blocks done, for ``status``."""
-        g = self.group
         out = {}
-        if "tiles/chol" in g:
-            rec = ~np.isnan(g["tiles/chol"][...])
+        if self.has(record(CHOL)):
+            rec = ~np.isnan(self.read(record(CHOL)))
             out["factor_tiles"] = {
                 "done": int(np.triu(rec).sum()),
                 "total": int(np.triu(np.ones_like(rec)).sum()),
             }
-        if "tiles/predict" in g:
-            rec = ~np.isnan(g["tiles/predict"][...])
+        if self.has(record(PREDICT)):
+            rec = ~np.isnan(self.read(record(PREDICT)))
             out["predict_blocks"] = {"done": int(rec.sum()), "total": int(rec.size)}
         return out
 
-    # --- writing (client side: attributes only) -----------------------------------------------
+    # --- arrays: the only way other modules reach the group ---------------------------------
+
+    def has(self, name: str) -> bool:
+        """Whether the array (or records) ``name`` exists."""
+        return name in self._group
+
+    def array(self, name: str) -> zarr.Array:
+        """The array ``name`` (a constant of :mod:`nngp_dist.layout`, or ``record(name)``)."""
+        return self._group[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole array ``name``, in memory (for the small ones: inputs, labels, vectors)."""
+        return self._group[name][...]
+
+    def drop(self, *names: str) -> None:
+        """Delete the arrays ``names`` that exist."""
+        for name in names:
+            if name in self._group:
+                del self._group[name]
+
+    def mean_diag(self) -> float:
+        """The mean of the training kernel's diagonal: the unit of the relative ``noise``
+        (the absolute jitter on the diagonal is ``noise * mean_diag``)."""
+        return float(np.mean(self.read(K_TRAIN_DIAG)))
+
+    def _create(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        chunk: tuple[int, ...],
+        dtype: str,
+        fill: Any = np.nan,
+        *,
+        compress: bool = True,
+        dims: tuple[str, ...] | None = None,
+    ) -> zarr.Array:
+        """Create (or replace) the array ``name``; chunk edges capped at its extent."""
+        return self._group.create_array(
+            name,
+            shape=shape,
+            chunks=_chunks(shape, chunk),
+            dtype=dtype,
+            fill_value=fill,
+            dimension_names=dims or DIMS.get(name),
+            overwrite=True,
+            **({} if compress else {"compressors": None}),
+        )
+
+    # --- the solve stage's arrays ---------------------------------------------------------------
 
     def prepare_solve(self, t_train: np.ndarray) -> None:
         """(Re)create ``t_train`` and ``alpha``; forget any earlier predictions."""
         n, c = t_train.shape
         t = solve_block(self.meta)
-        g = self.group
-        for name in ("t_train", "alpha"):
-            g.create_array(name, shape=(n, c), chunks=(t, c), dtype="float64", fill_value=np.nan,
-                           dimension_names=("train", "output"), overwrite=True)  # fmt: skip
-        g["t_train"][...] = t_train
-        for name in ("mean", "variance", "tiles/predict"):
-            if name in g:
-                del g[name]
+        for name in (T_TRAIN, ALPHA):
+            self._create(name, (n, c), (t, c), "float64")
+        self._group[T_TRAIN][...] = t_train
+        self.drop(MEAN, VARIANCE, record(PREDICT))
         self.update_meta(solve=None, predict=None)
+
+    def create_factor(self) -> None:
+        """Empty ``chol``, its two work arrays and their records (replacing any earlier ones)."""
+        meta = self.meta
+        n, t = meta["n_train"], solve_block(meta)
+        nt = -(-n // t)
+        for name in (CHOL, *CHOL_WORK):
+            self._create(name, (n, n), (t, t), "float64", compress=False)
+        records = ("train_tile", "train_col_tile")
+        self._create(record(CHOL), (nt, nt), (1, 1), "float32", compress=False, dims=records)
+        self._create(record(CHOL_STEP), (nt, nt), (1, 1), "int32", 0, compress=False, dims=records)
+
+    def drop_factor(self, *, work_only: bool = False) -> None:
+        """Delete the factor's work arrays, and unless ``work_only`` the factor and records."""
+        self.drop(*CHOL_WORK)
+        if not work_only:
+            self.drop(CHOL, record(CHOL), record(CHOL_STEP))
+
+    def create_scratch(self, name: str, columns: int) -> zarr.Array:
+        """A CG preconditioner's (N, columns) array (``cg_nystrom`` or ``cg_blockjacobi``)."""
+        if name not in (CG_NYSTROM, CG_BLOCKJACOBI):
+            raise ValueError(f"{name!r} is not a scratch array of the CG solver")
+        meta = self.meta
+        n, t = meta["n_train"], solve_block(meta)
+        return self._create(name, (n, columns), (t, columns), "float64", compress=False)
+
+    # --- the predict stage's arrays -------------------------------------------------------------
 
     def prepare_predict(self, block: int) -> None:
         """Create ``mean``, ``variance`` and their records unless present for this block size."""
-        g = self.group
         meta = self.meta
-        if "tiles/predict" in g and meta.get("predict_block") == block:
+        if self.has(record(PREDICT)) and meta.get("predict_block") == block:
             return
-        m, c = meta["n_test"], g["t_train"].shape[1]
-        g.create_array("mean", shape=(m, c), chunks=(block, c), dtype="float64", fill_value=np.nan,
-                       dimension_names=("test", "output"), overwrite=True)  # fmt: skip
-        g.create_array("variance", shape=(m,), chunks=(block,), dtype="float64",
-                       fill_value=np.nan, dimension_names=("test",), overwrite=True)  # fmt: skip
-        g["tiles"].create_array("predict", shape=(-(-m // block),), chunks=(1,), dtype="float32",
-                                fill_value=np.nan, dimension_names=("test_block",),
-                                compressors=None, overwrite=True)  # fmt: skip
+        m, c = meta["n_test"], self._group[T_TRAIN].shape[1]
+        self._create(MEAN, (m, c), (block, c), "float64")
+        self._create(VARIANCE, (m,), (block,), "float64")
+        self._create(
+            record(PREDICT),
+            (-(-m // block),),
+            (1,),
+            "float32",
+            compress=False,
+            dims=("test_block",),
+        )
         self.update_meta(predict_block=block, predict=None)
+
+    # --- attributes (client side) ---------------------------------------------------------------
 
     def update_meta(self, **fields: Any) -> None:
         """Set top-level entries of the ``nngp_dist`` root attribute."""
-        self.group.attrs["nngp_dist"] = {**self.meta, **fields}
+        self._group.attrs["nngp_dist"] = {**self.meta, **fields}
 
     def record_stage(self, stage: str, **fields: Any) -> None:
         """Merge ``fields`` into the record of ``stage`` in the root attributes."""
@@ -384,18 +481,19 @@ class KernelStore:
         stages = dict(meta.get("stages", {}))
         stages[stage] = {**stages.get(stage, {}), **fields}
         meta["stages"] = stages
-        self.group.attrs["nngp_dist"] = meta
+        self._group.attrs["nngp_dist"] = meta
 
 
-def _chunks(shape: tuple[int, ...], t: int) -> tuple[int, ...]:
-    """Chunks of edge ``t``, capped at the array's extent.
+def _chunks(shape: tuple[int, ...], chunk: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of edge ``chunk`` (one edge or one per dimension), capped at the array's extent.
 
     Zarr stores every chunk at its full shape, padding a ragged one with the fill value, so a
     test set of 10 rows in (T, T) chunks would write T / 10 times the bytes it holds (and on a
     fresh page cache those bytes cost as much CPU as the tile's kernel). Capping changes no
     tile's index: a dimension shorter than T has one tile either way.
     """
-    return tuple(max(1, min(t, s)) for s in shape)
+    edges = (chunk,) * len(shape) if isinstance(chunk, int) else chunk
+    return tuple(max(1, min(e, s)) for e, s in zip(edges, shape))
 
 
 def _create_inputs(root: zarr.Group, data: Dataset, names: tuple[str, ...], t: int) -> None:
@@ -415,25 +513,33 @@ def _create_inputs(root: zarr.Group, data: Dataset, names: tuple[str, ...], t: i
 def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[str, ...]) -> None:
     """Empty kernel arrays (fill NaN) and their completion records (NaN: not done)."""
     n, m, t = plan.n_train, plan.n_test, plan.tile_size
-    shapes = {"k_train_train": (n, n), "k_test_train": (m, n), "k_train_diag": (n,),
-              "k_test_diag": (m,)}  # fmt: skip
+    shapes = {K_TRAIN_TRAIN: (n, n), K_TEST_TRAIN: (m, n), K_TRAIN_DIAG: (n,), K_TEST_DIAG: (m,)}
     for name in names:
         shape = shapes[name]
-        root.create_array(name, shape=shape, chunks=_chunks(shape, t), dtype=dtype,
-                          fill_value=np.nan, dimension_names=DIMS[name],
-                          compressors=COMPRESSORS)  # fmt: skip
+        root.create_array(
+            name,
+            shape=shape,
+            chunks=_chunks(shape, t),
+            dtype=dtype,
+            fill_value=np.nan,
+            dimension_names=DIMS[name],
+            compressors=COMPRESSORS,
+        )
         grid = plan.grid(name)
-        root["tiles"].create_array(name, shape=grid, chunks=(1,) * len(grid), dtype="float32",
-                                   fill_value=np.nan,
-                                   dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
-                                   compressors=None)  # fmt: skip
+        root[RECORDS].create_array(
+            name,
+            shape=grid,
+            chunks=(1,) * len(grid),
+            dtype="float32",
+            fill_value=np.nan,
+            dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
+            compressors=None,
+        )
 
 
 def writable(folder: Path | str) -> bool:
     """Whether a file can be created in ``folder``: tried, not guessed (``os.access`` says yes
     to root everywhere, and to read-only mounts and pseudo file systems)."""
-    import tempfile  # noqa: PLC0415
-
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".nngp-dist-probe-"):
             return True
@@ -470,12 +576,12 @@ def open_store(path: str) -> Any:
     >>> ds = open_store("kernels.zarr")  # doctest: +SKIP
     >>> ds.k_train_train.sortby("y_train").sortby("y_train_col").plot()  # doctest: +SKIP
     """
-    import dask.array as da  # noqa: PLC0415
-    import xarray as xr  # noqa: PLC0415
+    import dask.array as da
+    import xarray as xr
 
     store = KernelStore.open(path)  # a clear error if this is not a store
     ds = xr.open_zarr(store.url, consolidated=False)
-    k = store.group["k_train_train"]
+    k = store.array(K_TRAIN_TRAIN)
     t = store.meta["tile_size"]
     chunks = tuple(tuple(min(t, n - s) for s in range(0, n, t)) for n in k.shape)
 
@@ -485,18 +591,16 @@ def open_store(path: str) -> Any:
         tile = k[a * t : (a + 1) * t, b * t : (b + 1) * t]
         if i > j:
             return tile.T
-        if i == j:
-            return np.triu(tile) + np.triu(tile, 1).T
-        return tile
+        return symmetric(tile) if i == j else tile
 
     sym = da.map_blocks(mirrored, chunks=chunks, dtype=k.dtype, meta=np.empty((0, 0), k.dtype))
-    ds["k_train_train"] = (("train", "train_col"), sym)
+    ds[K_TRAIN_TRAIN] = (DIMS[K_TRAIN_TRAIN], sym)
     ds = ds.assign_coords(
         train=np.arange(ds.sizes["train"]),
         train_col=np.arange(ds.sizes["train_col"]),
         test=np.arange(ds.sizes["test"]),
     )
-    if ds["y_train"].ndim == 1:
-        ds = ds.set_coords(["y_train", "y_test"])
-        ds = ds.assign_coords(y_train_col=("train_col", ds["y_train"].values))
+    if ds[Y_TRAIN].ndim == 1:
+        ds = ds.set_coords([Y_TRAIN, Y_TEST])
+        ds = ds.assign_coords({f"{Y_TRAIN}_col": ("train_col", ds[Y_TRAIN].values)})
     return ds

@@ -31,14 +31,18 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from distributed import as_completed
 
 from . import datasets
+from .cluster import with_client
+from .compute import probe
 from .errors import UserError
 from .kernels import Spec, input_state
 from .predict import targets
+from .progress import progress_bar
 from .select import noisy_solve
 from .storage import writable
 
@@ -97,11 +101,18 @@ def parse_depths(value: Any) -> list[int]:
     return sorted(out)
 
 
-def _point_task(state_ff: Any, state_vf: Any, t_fit: np.ndarray, y_val: np.ndarray,
-                labels: bool, spec_kwargs: dict, depths: list[int],
-                noises: list[float]) -> list[dict]:  # fmt: skip
+def _point_task(
+    state_ff: Any,
+    state_vf: Any,
+    t_fit: np.ndarray,
+    y_val: np.ndarray,
+    labels: bool,
+    spec_kwargs: dict,
+    depths: list[int],
+    noises: list[float],
+) -> list[dict]:
     """Score one (w_var, b_var) at every depth and noise (worker side)."""
-    from . import workers  # noqa: PLC0415
+    from . import workers
 
     workers.tune_allocator()
     clock = {"kernel": 0.0, "solve": 0.0}
@@ -177,122 +188,48 @@ def sweep(
     Returns ``{"best": row, "rows": [...], "files": {...}, "seconds": s, ...}``. Noise is relative
     to the mean of the fitted points' kernel diagonal, as in ``solve``.
     """
-    from .jobs import _probe, _with_client  # noqa: PLC0415
-
-    depths = parse_depths(depths)
-    weight_vars = parse_grid("weight-var", weight_vars)
-    bias_vars = parse_grid("bias-var", bias_vars)
-    noises = parse_grid("noise", noises)
-    if min(noises) <= 0:
-        raise UserError("--noise values must be positive (relative to the mean diagonal)")
-    specs = {}
-    for w in weight_vars:
-        for b in bias_vars:
-            kw = {"weight_var": w, "bias_var": b, "activation": activation, "kernel": kernel}
-            try:
-                specs[w, b] = Spec(depth=max(depths), **kw)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+    depths, weight_vars, bias_vars, noises = _grid(depths, weight_vars, bias_vars, noises)
+    specs = _specs(weight_vars, bias_vars, max(depths), activation, kernel)
     if heatmap_depth is not None and heatmap_depth not in depths:
         raise UserError(f"--heatmap-depth {heatmap_depth} is not one of --depth {depths}")
     ds = datasets.load(dataset, data_dir=data_dir, standardize=standardize).flattened()
-    n_all = len(ds.x_train)
-    v = int(validation_size)
-    n = n_all - v if train_size is None else int(train_size)
-    if v < 1 or n < 1 or n + v > n_all:
-        raise UserError(
-            f"--train-size {n} and --validation-size {v} must be positive and together at most "
-            f"the {n_all} training examples of {dataset} (validation = the last {v})"
-        )
-    labels = ds.y_train.dtype.kind in "iu"
-    select_by = select_by or ("accuracy" if labels else "mse")
-    if select_by not in ("accuracy", "mse"):
-        raise UserError(f"--select-by must be accuracy or mse, got {select_by!r}")
-    if select_by == "accuracy" and not labels:
-        raise UserError("--select-by accuracy needs integer labels; use mse")
+    split = _split(ds, dataset, train_size, validation_size)
+    select_by = _select_by(select_by, split.labels)
     for spec in specs.values():
-        _probe(spec, ds, "float64")
-    out = os.path.abspath(os.path.expanduser(out))
-    parent = os.path.dirname(out)
-    if not os.path.isdir(out) and not (os.path.isdir(parent) and writable(parent)):
-        raise UserError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
-    if os.path.isdir(out) and not writable(out):
-        raise UserError(f"--out {out} is not writable")
-
-    x_fit, x_val = ds.x_train[:n], ds.x_train[n_all - v :]
-    y_fit, y_val = ds.y_train[:n], ds.y_train[n_all - v :]
-    n_classes = int(ds.y_train.max() + 1) if labels else None
-    t_fit = targets(y_fit, n_classes)
-    settings = {
-        "dataset": ds.name,
-        "fingerprint": hashlib.sha256(x_fit.tobytes() + x_val.tobytes()).hexdigest(),
-        "train_size": n,
-        "validation_size": v,
-        "depths": depths,
-        "activation": specs[weight_vars[0], bias_vars[0]].activation.spec,
-        "kernel": kernel,
-        "noises": noises,
-        "standardize": standardize,
-    }
+        probe(spec, ds, "float64")
+    out = _out_folder(out)
+    activation_spec = specs[weight_vars[0], bias_vars[0]].activation.spec
+    settings = _settings(ds.name, split, depths, activation_spec, kernel, noises, standardize)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     os.makedirs(out, exist_ok=True)
     done = _read_points(os.path.join(out, POINTS_FILE), key)
     todo = [wb for wb in specs if wb not in done]
     t0 = time.perf_counter()
-
-    def go(c: Any) -> None:
-        if not todo:
-            return
-        if progress:
-            print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
-        from distributed import as_completed  # noqa: PLC0415
-
-        from .compute import _progress  # noqa: PLC0415
-
-        state_ff, state_vf = c.scatter(
-            [input_state(x_fit, x_fit), input_state(x_val, x_fit)], broadcast=True
+    points = _Points(
+        out,
+        key,
+        split,
+        {"activation": activation, "kernel": kernel},
+        depths,
+        noises,
+        len(specs),
+        progress,
+    )
+    scheduler = None if scheduler == "synchronous" else scheduler
+    if todo:
+        with_client(
+            lambda c: points.compute(c, todo, done), client, scheduler, workers, memory_limit
         )
-        futures = [
-            c.submit(
-                _point_task,
-                state_ff,
-                state_vf,
-                t_fit,
-                y_val,
-                labels,
-                {"weight_var": w, "bias_var": b, "activation": activation, "kernel": kernel},
-                depths,
-                noises,
-                pure=False,
-            )  # fmt: skip
-            for w, b in todo
-        ]
-        bar = _progress(len(specs), len(specs) - len(todo), progress, "sweep")
-        try:
-            with open(os.path.join(out, POINTS_FILE), "a+") as f:
-                if f.tell():  # a line cut short by a kill must not swallow the next record
-                    f.seek(f.tell() - 1)
-                    if f.read(1) != "\n":
-                        f.write("\n")
-                for fut in as_completed(futures):
-                    rows = fut.result()
-                    f.write(json.dumps({"key": key, "rows": rows}) + "\n")
-                    f.flush()
-                    done[rows[0]["weight_var"], rows[0]["bias_var"]] = rows
-                    bar.update(1)
-        finally:
-            bar.close()
-
-    _with_client(go, client, None if scheduler == "synchronous" else scheduler, workers,
-                 memory_limit)  # fmt: skip
     rows = [r for wb in specs for r in done[wb]]
-    ok = [r for r in rows if r["result"] == "ok"]
-    if not ok:
-        raise UserError("every grid point left the kernel indefinite; try larger --noise values")
-    metric = "validation_accuracy" if select_by == "accuracy" else "validation_mse"
-    best = (max if select_by == "accuracy" else min)(ok, key=lambda r: r[metric])
+    best, metric = _best(rows, select_by)
     hd = best["depth"] if heatmap_depth is None else heatmap_depth
     files = _write(out, settings, rows, best, select_by, metric, hd, weight_vars, bias_vars)
+    # worker seconds summed over grid points: the kernel recursions (fitted and validation
+    # points, every depth) and the factorisations and predictions
+    task_seconds = {
+        k: round(sum(done[wb][0].get("point_seconds", {}).get(k, 0.0) for wb in specs), 1)
+        for k in ("kernel", "solve")
+    }
     return {
         "best": best,
         "rows": rows,
@@ -301,14 +238,178 @@ def sweep(
         "settings": settings,
         "grid_points": len(specs),
         "grid_points_computed": len(todo),
-        # worker seconds summed over grid points: the kernel recursions (fitted and validation
-        # points, every depth) and the factorisations and predictions
-        "task_seconds": {
-            k: round(sum(done[wb][0].get("point_seconds", {}).get(k, 0.0) for wb in specs), 1)
-            for k in ("kernel", "solve")
-        },
+        "task_seconds": task_seconds,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _select_by(select_by: str | None, labels: bool) -> str:
+    """The criterion: ``select_by``, else validation accuracy for labels and MSE for targets."""
+    select_by = select_by or ("accuracy" if labels else "mse")
+    if select_by not in ("accuracy", "mse"):
+        raise UserError(f"--select-by must be accuracy or mse, got {select_by!r}")
+    if select_by == "accuracy" and not labels:
+        raise UserError("--select-by accuracy needs integer labels; use mse")
+    return select_by
+
+
+def _best(rows: list[dict], select_by: str) -> tuple[dict, str]:
+    """The best row of the grid by ``select_by``, and the row's key for that metric."""
+    ok = [r for r in rows if r["result"] == "ok"]
+    if not ok:
+        raise UserError("every grid point left the kernel indefinite; try larger --noise values")
+    metric = "validation_accuracy" if select_by == "accuracy" else "validation_mse"
+    return (max if select_by == "accuracy" else min)(ok, key=lambda r: r[metric]), metric
+
+
+def _grid(depths: Any, weight_vars: Any, bias_vars: Any, noises: Any) -> tuple[list, ...]:
+    """The grid's axes parsed: depths, weight variances, bias variances, relative noises."""
+    noise_list = parse_grid("noise", noises)
+    if min(noise_list) <= 0:
+        raise UserError("--noise values must be positive (relative to the mean diagonal)")
+    return (
+        parse_depths(depths),
+        parse_grid("weight-var", weight_vars),
+        parse_grid("bias-var", bias_vars),
+        noise_list,
+    )
+
+
+def _settings(
+    name: str,
+    split: _Split,
+    depths: list[int],
+    activation: Any,
+    kernel: str,
+    noises: list[float],
+    standardize: bool,
+) -> dict:
+    """What the grid's rows depend on besides (w_var, b_var): rows of the same settings are
+    kept and resumed."""
+    return {
+        "dataset": name,
+        "fingerprint": hashlib.sha256(split.x_fit.tobytes() + split.x_val.tobytes()).hexdigest(),
+        "train_size": len(split.x_fit),
+        "validation_size": len(split.x_val),
+        "depths": depths,
+        "activation": activation,
+        "kernel": kernel,
+        "noises": noises,
+        "standardize": standardize,
+    }
+
+
+def _specs(
+    weight_vars: list[float], bias_vars: list[float], depth: int, activation: Any, kernel: str
+) -> dict[tuple[float, float], Spec]:
+    """The grid's networks, by (w_var, b_var), each of the largest depth."""
+    specs = {}
+    for w in weight_vars:
+        for b in bias_vars:
+            kw = {"weight_var": w, "bias_var": b, "activation": activation, "kernel": kernel}
+            try:
+                specs[w, b] = Spec(depth=depth, **kw)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+    return specs
+
+
+class _Split(NamedTuple):
+    """The fitted points (the first ``train_size``) and the validation split (the last)."""
+
+    x_fit: np.ndarray
+    x_val: np.ndarray
+    t_fit: np.ndarray
+    y_val: np.ndarray
+    labels: bool
+
+
+def _split(
+    ds: datasets.Dataset,
+    name: str,
+    train_size: int | None,
+    validation_size: int,
+) -> _Split:
+    n_all = len(ds.x_train)
+    v = int(validation_size)
+    n = n_all - v if train_size is None else int(train_size)
+    if v < 1 or n < 1 or n + v > n_all:
+        raise UserError(
+            f"--train-size {n} and --validation-size {v} must be positive and together at most "
+            f"the {n_all} training examples of {name} (validation = the last {v})"
+        )
+    labels = ds.y_train.dtype.kind in "iu"
+    n_classes = int(ds.y_train.max() + 1) if labels else None
+    return _Split(
+        ds.x_train[:n],
+        ds.x_train[n_all - v :],
+        targets(ds.y_train[:n], n_classes),
+        ds.y_train[n_all - v :],
+        labels,
+    )
+
+
+def _out_folder(out: str) -> str:
+    """``out`` made absolute, after checking that it can be created or written."""
+    out = os.path.abspath(os.path.expanduser(out))
+    parent = os.path.dirname(out)
+    if not os.path.isdir(out) and not (os.path.isdir(parent) and writable(parent)):
+        raise UserError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+    if os.path.isdir(out) and not writable(out):
+        raise UserError(f"--out {out} is not writable")
+    return out
+
+
+class _Points(NamedTuple):
+    """The grid points' tasks, and the file their rows are appended to as they finish."""
+
+    out: str
+    key: str
+    split: _Split
+    network: dict
+    depths: list[int]
+    noises: list[float]
+    total: int
+    progress: bool
+
+    def compute(self, c: Any, todo: list[tuple[float, float]], done: dict) -> None:
+        """Run the points ``todo`` on client ``c``; add their rows to ``done`` and the file."""
+        if self.progress:
+            print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
+        sp = self.split
+        state_ff, state_vf = c.scatter(
+            [input_state(sp.x_fit, sp.x_fit), input_state(sp.x_val, sp.x_fit)], broadcast=True
+        )
+        futures = [
+            c.submit(
+                _point_task,
+                state_ff,
+                state_vf,
+                sp.t_fit,
+                sp.y_val,
+                sp.labels,
+                {"weight_var": w, "bias_var": b, **self.network},
+                self.depths,
+                self.noises,
+                pure=False,
+            )
+            for w, b in todo
+        ]
+        bar = progress_bar(self.total, self.total - len(todo), self.progress, "sweep")
+        try:
+            with open(os.path.join(self.out, POINTS_FILE), "a+") as f:
+                if f.tell():  # a line cut short by a kill must not swallow the next record
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        f.write("\n")
+                for fut in as_completed(futures):
+                    rows = fut.result()
+                    f.write(json.dumps({"key": self.key, "rows": rows}) + "\n")
+                    f.flush()
+                    done[rows[0]["weight_var"], rows[0]["bias_var"]] = rows
+                    bar.update(1)
+        finally:
+            bar.close()
 
 
 def _read_points(path: str, key: str) -> dict:
@@ -327,12 +428,28 @@ def _read_points(path: str, key: str) -> dict:
     return done
 
 
-def _write(out: str, settings: dict, rows: list[dict], best: dict, select_by: str, metric: str,
-           depth: int, weight_vars: list[float], bias_vars: list[float]) -> dict:  # fmt: skip
-    from .figures import sweep_heatmap  # noqa: PLC0415
+def _write(
+    out: str,
+    settings: dict,
+    rows: list[dict],
+    best: dict,
+    select_by: str,
+    metric: str,
+    depth: int,
+    weight_vars: list[float],
+    bias_vars: list[float],
+) -> dict:
+    from .figures import sweep_heatmap
 
-    cols = ["depth", "weight_var", "bias_var", "noise", "result", "validation_accuracy",
-            "validation_mse"]  # fmt: skip
+    cols = [
+        "depth",
+        "weight_var",
+        "bias_var",
+        "noise",
+        "result",
+        "validation_accuracy",
+        "validation_mse",
+    ]
     csv_path = os.path.join(out, "sweep.csv")
     with open(csv_path + ".tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -341,8 +458,9 @@ def _write(out: str, settings: dict, rows: list[dict], best: dict, select_by: st
     os.replace(csv_path + ".tmp", csv_path)
     json_path = os.path.join(out, "sweep.json")
     with open(json_path + ".tmp", "w") as f:
-        json.dump({"settings": settings, "select_by": select_by, "best": best, "rows": rows}, f,
-                  indent=1)  # fmt: skip
+        json.dump(
+            {"settings": settings, "select_by": select_by, "best": best, "rows": rows}, f, indent=1
+        )
     os.replace(json_path + ".tmp", json_path)
     png = os.path.join(out, f"sweep-depth{depth}.png")
     sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png)

@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tile", "TilePlan", "image_tile_size", "solve_block_size", "span"]
+from .layout import K_TEST_DIAG, K_TEST_TRAIN, K_TRAIN_DIAG, K_TRAIN_TRAIN
+
+__all__ = ["Tile", "TilePlan", "image_tile_size", "solve_block_size", "span", "symmetric"]
 
 
-# Work per tile of an image network, in map entries (pairs x pixels x layers): about a minute
-# on one CPU core at the ~25 ns per entry and layer of the layer-by-layer recursion here, about
-# 15 s at the ~6 ns of the compiled ReLU ConvNet loop (kernels.fused). Kept as it is: the tile
-# size is part of a store's identity, so a new default would refuse existing stores.
+# Work per tile of an image network, in map entries (pairs x pixels x layers): on the order of a
+# minute on one CPU core layer by layer, less with the compiled ReLU ConvNet loop
+# (kernels.fused; per-entry costs in benchmarks/RESULTS.md). Kept as it is: the tile size is
+# part of a store's identity, so a new default would refuse existing stores.
 IMAGE_TILE_WORK = 1 << 31
 
 
@@ -37,7 +39,7 @@ def image_tile_size(spec: Any, largest: int | None = None, *, gpu: bool = False)
     tile. The solvers work in blocks of several such tiles (:func:`solve_block_size`).
     """
     if largest is None:
-        from . import config  # noqa: PLC0415
+        from . import config
 
         largest = int(config.get("tile-size"))
     if gpu:
@@ -59,7 +61,7 @@ def solve_block_size(spec: Any, tile: int, largest: int | None = None) -> int:
     if not spec.is_image:
         return int(tile)
     if largest is None:
-        from . import config  # noqa: PLC0415
+        from . import config
 
         largest = int(config.get("tile-size"))
     return int(tile) * max(1, round(largest / tile))
@@ -70,12 +72,14 @@ def span(t: int, n: int, k: int) -> slice:
     return slice(k * t, min((k + 1) * t, n))
 
 
-_ROWS = {
-    "k_train_train": "train",
-    "k_test_train": "test",
-    "k_train_diag": "train",
-    "k_test_diag": "test",
-}
+def symmetric(tile: np.ndarray) -> np.ndarray:
+    """A diagonal tile of the train kernel made symmetric from its upper triangle, which is
+    the authoritative half (the kernel of a set with itself is evaluated on and above the
+    diagonal only)."""
+    return np.triu(tile) + np.triu(tile, 1).T
+
+
+_ROWS = {K_TRAIN_TRAIN: "train", K_TEST_TRAIN: "test", K_TRAIN_DIAG: "train", K_TEST_DIAG: "test"}
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -112,6 +116,10 @@ class TilePlan:
         """The examples of ``part`` in row block ``block``."""
         return span(self.tile_size, self.n_train if part == "train" else self.n_test, block)
 
+    def row_part(self, array: str) -> str:
+        """Which examples (``train`` or ``test``) the rows of kernel array ``array`` are."""
+        return _ROWS[array]
+
     def grid(self, array: str) -> tuple[int, ...]:
         """Shape of the tile grid of ``array``."""
         rows = self.blocks(_ROWS[array])
@@ -120,7 +128,7 @@ class TilePlan:
     def wanted(self, array: str) -> np.ndarray:
         """Boolean map over the tile grid of the tiles that exist (upper triangle for train)."""
         grid = self.grid(array)
-        if array == "k_train_train":
+        if array == K_TRAIN_TRAIN:
             return np.triu(np.ones(grid, dtype=bool))
         return np.ones(grid, dtype=bool)
 
@@ -131,7 +139,7 @@ class TilePlan:
 
     def missing(self, done: dict[str, np.ndarray]) -> list[Tile]:
         """Tiles not marked in ``done`` (array name -> boolean map), diagonals first."""
-        order = ("k_train_diag", "k_test_diag", "k_train_train", "k_test_train")
+        order = (K_TRAIN_DIAG, K_TEST_DIAG, K_TRAIN_TRAIN, K_TEST_TRAIN)
         return [t for a in order for t in self.tiles(a) if not done[a][t.index]]
 
     def total(self) -> int:

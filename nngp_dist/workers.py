@@ -1,33 +1,124 @@
-"""Worker-side helpers shared by every stage's tasks: the store, the allocator, task keys."""
+"""Worker-side plumbing shared by every stage's tasks: the task context, the store, the allocator.
+
+Every task that reads or writes the store takes a :class:`TaskContext` (which store, which
+creation of it, its block edge and training size) and is wrapped by :func:`store_task`, which
+opens the store's group once per worker, tunes the allocator, times the task and writes its
+completion record. The tile mathematics inside a task are plain array functions
+(:mod:`nngp_dist.solvers.tiles`), testable without a cluster.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import functools
 import hashlib
+import math
 import mmap
 import os
 import platform
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 from zarr.storage import LocalStore
 
-from .storage import _is_local, _local_path
+from .layout import RECORDS, record
+from .storage import KernelStore, is_local, local_path, solve_block
+from .tiling import span
 
-__all__ = ["FlushingStore", "Warmup", "open_group", "store_token", "task_key", "tune_allocator"]
+__all__ = [
+    "FlushingStore",
+    "Recorded",
+    "TaskContext",
+    "Warmup",
+    "open_group",
+    "store_task",
+    "store_token",
+    "task_key",
+    "tune_allocator",
+]
 
 
 def store_token(meta: dict) -> str:
     """Identifies one creation of a store: its creation time and data fingerprint."""
     return f"{meta['created']}/{meta['fingerprint']}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """What every task on a store takes: the store (``url`` and ``token``, one creation of it),
+    the block edge ``t`` its task splits the training set by, and the training size ``n``."""
+
+    url: str
+    token: str
+    t: int
+    n: int
+
+    @classmethod
+    def of(cls, store: KernelStore, t: int | None = None) -> TaskContext:
+        """The context of ``store``'s tasks; ``t`` defaults to the solvers' block."""
+        meta = store.meta
+        return cls(store.url, store_token(meta), t or solve_block(meta), meta["n_train"])
+
+    @property
+    def blocks(self) -> int:
+        """Number of row blocks of the training set."""
+        return math.ceil(self.n / self.t)
+
+    def span(self, k: int) -> slice:
+        """The training examples of block ``k``."""
+        return span(self.t, self.n, k)
+
+    def key(self, *parts: object) -> str:
+        """A Dask key for a task of this store (see :func:`task_key`)."""
+        return task_key(self.url, self.token, *parts)
+
+
+class Recorded(NamedTuple):
+    """What a :func:`store_task` returns when it has completed a unit of an array: the array
+    ``name`` whose completion record ``tiles/<name>[index]`` gets the task's seconds, and the
+    task's result ``value`` (the seconds themselves when None)."""
+
+    name: str
+    index: tuple[int, ...] | int
+    value: Any = None
+
+
+def store_task(fn: Callable | None = None, *, flush: bool = False) -> Callable:
+    """Wrap a task ``fn(ctx, group, *args)`` into ``task(ctx, *args)``, run on a worker.
+
+    The wrapper tunes the allocator, opens the store's group (once per worker; through
+    :class:`FlushingStore` with ``flush``) and times the task. When ``fn`` returns
+    :class:`Recorded`, the wrapper writes the task's seconds to its completion record after
+    ``fn`` has written its data (so a task killed mid-write is never counted as done) and
+    returns its ``value`` (or the seconds); any other result is returned as it is.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def task(ctx: TaskContext, *args: Any) -> Any:
+            start = time.perf_counter()
+            tune_allocator()
+            group = open_group(ctx.url, ctx.token, flush=flush)
+            out = fn(ctx, group, *args)
+            if not isinstance(out, Recorded):
+                return out
+            seconds = time.perf_counter() - start
+            group[record(out.name)][out.index] = max(seconds, 1e-9)
+            return seconds if out.value is None else out.value
+
+        return task
+
+    return wrap if fn is None else wrap(fn)
 
 
 def task_key(url: str, token: str, *parts: object) -> str:
@@ -44,11 +135,11 @@ def tune_allocator() -> bool:
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which (like any explicit
     malloc setting) turns off glibc's adaptive mmap threshold: every temporary of 128 KiB or more
     is then mapped fresh and page-faulted in, and smaller ones are trimmed from the heap and
-    re-grown. Measured on a 2048 x 2048 ReLU tile: 0.84 s with that setting, 0.56 s without.
-    Here allocations below 32 MiB (glibc's largest mmap threshold; tiles of up to 2047^2 float64
-    values) come from the heap, and up to 256 MiB of free heap is kept for reuse rather than
-    returned to the OS: page faults on fresh mappings cost about 0.08 s per 32 MB tile on these
-    VMs. Larger allocations are still mapped and returned when freed.
+    re-grown (a ReLU tile measured both ways: benchmarks/RESULTS.md). Here allocations below 32
+    MiB (glibc's largest mmap threshold; tiles of up to 2047^2 float64 values) come from the
+    heap, and up to 256 MiB of free heap is kept for reuse rather than returned to the OS, since
+    page faults on fresh mappings are a tile's largest overhead on VMs that hand free memory
+    back to their host. Larger allocations are still mapped and returned when freed.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -76,10 +167,9 @@ class FlushingStore(LocalStore):
       are written with O_DIRECT from a reused, page-aligned buffer, so they take no page-cache
       pages at all; where the file system refuses O_DIRECT (tmpfs, some FUSE and network
       mounts) they are written through the cache, flushed and dropped from it. On VMs that
-      hand free guest memory back to the host (free page reporting, as on the Firecracker dev
-      VMs), every page the cache takes is faulted in afresh: writing a 32 MB tile into new
-      cache pages takes 0.095 s of CPU there, written, flushed and dropped 0.023 s (with the
-      disk write), and the dropped pages are soon handed back and faulted in again.
+      hand free guest memory back to the host (free page reporting), every page the cache
+      takes is faulted in afresh, which costs several times the write itself (measured in
+      benchmarks/RESULTS.md).
 
     Chunks are chosen by key, not by size: a compressed chunk's size says nothing of what it
     holds. Stages that re-read what they write (the Cholesky factor's panels) keep the plain
@@ -90,7 +180,7 @@ class FlushingStore(LocalStore):
     @staticmethod
     def flushes(key: str) -> bool:
         """Whether ``key`` is written flushed: chunks of arrays, not completion records."""
-        return "/c/" in f"/{key}" and not key.startswith("tiles/")
+        return "/c/" in f"/{key}" and not key.startswith(f"{RECORDS}/")
 
     async def set(self, key: str, value: zarr.core.buffer.Buffer) -> None:
         if not self.flushes(key):
@@ -141,7 +231,7 @@ def _put_direct(tmp: Path, data: memoryview) -> bool:
 
     O_DIRECT moves the bytes from the buffer to the disk without page-cache pages. A cached
     write needs about 26 MB of them per 2000 x 2000 tile, freshly faulted in on VMs that hand
-    free memory back to their host (the Firecracker dev VMs): up to 0.1 s of CPU per tile.
+    free memory back to their host.
     The tail is written padded to the block and the file then cut to its length.
     """
     flag = getattr(os, "O_DIRECT", 0)
@@ -237,15 +327,15 @@ def open_group(url: str, token: str, *, flush: bool = False) -> zarr.Group:
     fingerprint) keeps a worker from using the cached metadata of an earlier store that was
     overwritten at the same URL.
     """
-    if flush and _is_local(url):
-        return zarr.open_group(FlushingStore(_local_path(url)), mode="r+")
+    if flush and is_local(url):
+        return zarr.open_group(FlushingStore(local_path(url)), mode="r+")
     return zarr.open_group(url, mode="r+")
 
 
 def warm() -> None:
     """What a worker's first tile would otherwise pay for: import numba and load the compiled
-    recursion (about 1 s on the 2-core dev VM), and tune the allocator."""
-    from .kernels import fused  # noqa: PLC0415
+    recursion (about a second), and tune the allocator."""
+    from .kernels import fused  # numba and the compiled loops: only on workers
 
     tune_allocator()
     fused.warm()

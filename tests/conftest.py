@@ -42,8 +42,12 @@ def small_npz(tmp_path):
 @pytest.fixture(scope="module")
 def client():
     """Two in-process single-threaded workers, shared by a module's tests."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -95,10 +99,19 @@ class DaskProcesses:
         file.unlink(missing_ok=True)  # a previous start's address
         sched = self._spawn(
             "scheduler",
-            ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(file),
-             *scheduler_args],
-        )  # fmt: skip
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--scheduler-file",
+                str(file),
+                *scheduler_args,
+            ],
+        )
         deadline = time.monotonic() + timeout
         info = None
         while info is None:
@@ -114,10 +127,19 @@ class DaskProcesses:
         for i in range(n_workers):
             self._spawn(
                 f"worker-{i}",
-                ["distributed.cli.dask_worker", "--scheduler-file", str(file), "--host",
-                 "127.0.0.1", "--nthreads", "1", "--dashboard-address", "127.0.0.1:0",
-                 *worker_args],
-            )  # fmt: skip
+                [
+                    "distributed.cli.dask_worker",
+                    "--scheduler-file",
+                    str(file),
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--dashboard-address",
+                    "127.0.0.1:0",
+                    *worker_args,
+                ],
+            )
         with Client(self.address, timeout=timeout, security=_security(scheduler_args)) as c:
             try:
                 c.wait_for_workers(n_workers, timeout=timeout)
@@ -151,8 +173,11 @@ class DaskProcesses:
 def _security(args):
     """A client ``Security`` from a dask CLI's TLS options, or None without them."""
     args = list(args)
-    opts = {k: args[args.index(k) + 1] for k in ("--tls-ca-file", "--tls-cert", "--tls-key")
-            if k in args}  # fmt: skip
+    opts = {
+        k: args[args.index(k) + 1]
+        for k in ("--tls-ca-file", "--tls-cert", "--tls-key")
+        if k in args
+    }
     if not opts:
         return None
     from distributed.security import Security

@@ -139,9 +139,17 @@ class FiniteConvNet:
         for op in ops:
             if op[0] == "conv":
                 _, k, s, d, pad = op
-                out.append({"kind": "conv", "k": k, "s": s, "d": d, "pad": pad,
-                            "W": rng.standard_normal((width, c * k * k)),
-                            "b": rng.standard_normal(width)})  # fmt: skip
+                out.append(
+                    {
+                        "kind": "conv",
+                        "k": k,
+                        "s": s,
+                        "d": d,
+                        "pad": pad,
+                        "W": rng.standard_normal((width, c * k * k)),
+                        "b": rng.standard_normal(width),
+                    }
+                )
                 c = width
             elif op[0] == "residual":
                 block = self._init(rng, op[1], c, width)
@@ -261,8 +269,7 @@ class FiniteConvNet:
         return jac.T @ jac
 
 
-def monte_carlo_conv_kernels(x, ops, phi, dphi, w_var, b_var, width=256, nets=4, seed=0,
-                             ntk=True):  # fmt: skip
+def monte_carlo_conv_kernels(x, ops, phi, dphi, w_var, b_var, width=256, nets=4, seed=0, ntk=True):
     """Average over random wide CNNs of the readout's NNGP and of the empirical NTK (None
     without ``ntk``: the forward passes alone are much cheaper, so wider nets fit)."""
     rng = np.random.default_rng(seed)

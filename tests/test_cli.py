@@ -72,8 +72,19 @@ def test_status_of_missing_store(tmp_path):
 
 def test_embedded_local_cluster(tmp_path):
     store = str(tmp_path / "k.zarr")
-    r = invoke("kernel", "--store", store, *SMALL, "--workers", "2", "--memory-limit", "1GB",
-               "--kernel", "ntk", "--quiet")  # fmt: skip
+    r = invoke(
+        "kernel",
+        "--store",
+        store,
+        *SMALL,
+        "--workers",
+        "2",
+        "--memory-limit",
+        "1GB",
+        "--kernel",
+        "ntk",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     check_store(store, kernel="ntk")
 
@@ -95,8 +106,10 @@ def test_real_scheduler_and_worker_processes(tmp_path, dask_processes):
     out = subprocess.run(
         [sys.executable, "-m", "nngp_dist.cli", "kernel", "--store", store, *SMALL, "--quiet"],
         env={**os.environ, "DASK_SCHEDULER_ADDRESS": address},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     check_store(store)
 
@@ -124,8 +137,21 @@ def test_bad_config_value(monkeypatch, tmp_path):
 
 def test_cg_preconditioner_option(tmp_path):
     store = str(tmp_path / "k.zarr")
-    r = invoke("run", "--store", store, *SMALL, "--method", "cg", "--preconditioner",
-               "block-jacobi", "--noise", "1e-2", "--workers", "1", "--quiet")  # fmt: skip
+    r = invoke(
+        "run",
+        "--store",
+        store,
+        *SMALL,
+        "--method",
+        "cg",
+        "--preconditioner",
+        "block-jacobi",
+        "--noise",
+        "1e-2",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     solved = nngp_dist.KernelStore.open(store).meta["solve"]
     assert solved["method"] == "cg" and "blockjacobi" in json.dumps(solved).replace("-", "")

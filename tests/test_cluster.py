@@ -14,14 +14,29 @@ import pytest
 import nngp_dist
 from nngp_dist import detached
 
-RUN = ["--dataset", "demo", "--depth", "2", "--weight-var", "1.6", "--bias-var", "0.2",
-       "--noise", "1e-3"]  # fmt: skip
+RUN = [
+    "--dataset",
+    "demo",
+    "--depth",
+    "2",
+    "--weight-var",
+    "1.6",
+    "--bias-var",
+    "0.2",
+    "--noise",
+    "1e-3",
+]
 
 
 def cli(*args, env=None, timeout=180):
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nngp_dist.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "nngp_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def status(store):
@@ -47,8 +62,12 @@ def tiles_done(store):
 
 def progress(store):
     st = nngp_dist.KernelStore.open(store).status()
-    return (st["stage"], st["tiles_done"], str(st.get("factor_tiles")),
-            str(st.get("predict_blocks")))  # fmt: skip
+    return (
+        st["stage"],
+        st["tiles_done"],
+        str(st.get("factor_tiles")),
+        str(st.get("predict_blocks")),
+    )
 
 
 def submit_and_wait_for_ten_tiles(address, store, job, procs):
@@ -59,8 +78,19 @@ def submit_and_wait_for_ten_tiles(address, store, job, procs):
 def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
     address = dask_processes.start(2)
     store = str(tmp_path / "k.zarr")
-    out = cli("submit", "--detach", "--scheduler", address, "--store", store, *RUN,
-              "--train-size", "400", "--test-size", "100")  # fmt: skip
+    out = cli(
+        "submit",
+        "--detach",
+        "--scheduler",
+        address,
+        "--store",
+        store,
+        *RUN,
+        "--train-size",
+        "400",
+        "--test-size",
+        "100",
+    )
     assert out.returncode == 0, out.stderr
     assert "job " in out.stdout and "nngp-dist cancel" in out.stdout
     wait_for(lambda: (status(store) or {}).get("stage") == "done", 120, "the job", dask_processes)
@@ -72,11 +102,28 @@ def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
     assert "accuracy" in log
     shown = cli("status", "--store", store, "--scheduler", address)
     assert shown.returncode == 0 and f"job:     {info['job']} done" in shown.stdout, shown.stdout
-    assert json.loads(cli("status", "--store", store, "--scheduler", address, "--json")
-                      .stdout)["job"]["state"] == "done"  # fmt: skip
+    assert (
+        json.loads(cli("status", "--store", store, "--scheduler", address, "--json").stdout)["job"][
+            "state"
+        ]
+        == "done"
+    )
     # A second detached job while none runs is fine; bad input fails at once, nothing started.
-    bad = cli("submit", "--detach", "--scheduler", address, "--store", store, *RUN,
-              "--train-size", "400", "--test-size", "100", "--noise", "-1")  # fmt: skip
+    bad = cli(
+        "submit",
+        "--detach",
+        "--scheduler",
+        address,
+        "--store",
+        store,
+        *RUN,
+        "--train-size",
+        "400",
+        "--test-size",
+        "100",
+        "--noise",
+        "-1",
+    )
     assert bad.returncode == 2 and "--noise" in bad.stderr
     assert cli("submit", "--detach", "--store", store, *RUN).returncode == 2  # no scheduler
 
@@ -95,8 +142,9 @@ def test_cancel_then_resubmit_resumes(tmp_path, dask_processes):
     assert detached.job_info(store, scheduler=address)["state"] == "cancelled"
     assert cli("cancel", "--store", store, "--scheduler", address).returncode == 2  # none runs
     assert cli("submit", "--detach", "--scheduler", address, "--store", store, *job).returncode == 0
-    wait_for(lambda: (status(store) or {}).get("stage") == "done", 240, "the resumed job",
-             dask_processes)  # fmt: skip
+    wait_for(
+        lambda: (status(store) or {}).get("stage") == "done", 240, "the resumed job", dask_processes
+    )
     st = status(store)
     if frozen[0] == "kernel":  # cancelled in the kernel stage: only the rest was computed
         assert st["stages"]["kernel"]["tiles"] == st["tiles_total"] - frozen[1]
@@ -108,17 +156,33 @@ def check_kernel(store):
     spec = nngp_dist.Spec.from_dict(ds.attrs["nngp_dist"]["spec"])
     x, xt = ds.x_train.values, ds.x_test.values
     np.testing.assert_allclose(ds.k_test_train.values, spec.cross(xt, x), rtol=1e-12)
-    np.testing.assert_allclose(ds.k_train_train.values[::7, ::5], spec.cross(x[::7], x[::5]),
-                               rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        ds.k_train_train.values[::7, ::5], spec.cross(x[::7], x[::5]), rtol=1e-12
+    )
 
 
 def test_killed_worker_costs_only_its_tiles(tmp_path, dask_processes):
     address = dask_processes.start(2)
     store = str(tmp_path / "k.zarr")
     job = [*RUN, "--train-size", "1500", "--test-size", "300", "--tile-size", "100", "--quiet"]
-    run = subprocess.Popen([sys.executable, "-m", "nngp_dist.cli", "run", "--store", store,
-                            "--scheduler", address, "--json", store + ".json", *job],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nngp_dist.cli",
+            "run",
+            "--store",
+            store,
+            "--scheduler",
+            address,
+            "--json",
+            store + ".json",
+            *job,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: tiles_done(store) >= 10, 120, "ten tiles", dask_processes)
         dask_processes.kill_worker(1)  # SIGKILL, nanny and worker
@@ -156,13 +220,51 @@ def _certificates(folder):
     def ssl(*args):
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
 
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "1", "-subj", "/CN=nngp-dist test CA")  # fmt: skip
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr",
-        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=nngp-dist test CA",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    ssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "node.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
     return [str(folder / n) for n in ("ca.pem", "node.pem", "node.key")]
 
 
@@ -170,13 +272,11 @@ def _certificates(folder):
 def test_tls_cluster(tmp_path, dask_processes):
     ca, cert, key = _certificates(tmp_path)
     tls = ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
-    address = dask_processes.start(2, scheduler_args=["--protocol", "tls", *tls],
-                                   worker_args=tls)  # fmt: skip
+    address = dask_processes.start(2, scheduler_args=["--protocol", "tls", *tls], worker_args=tls)
     assert address.startswith("tls://")
     store = str(tmp_path / "k.zarr")
     job = ["--store", store, *RUN, "--train-size", "300", "--test-size", "50", "--quiet"]
-    plain = cli("run", "--scheduler", address, *job,
-                env={"DASK_NNGP_DIST__CONNECT_TIMEOUT": "3s"})  # fmt: skip
+    plain = cli("run", "--scheduler", address, *job, env={"DASK_NNGP_DIST__CONNECT_TIMEOUT": "3s"})
     assert plain.returncode == 2 and "speaks TLS" in plain.stderr
     assert not os.path.exists(store)
     out = cli("run", "--scheduler", address, *job, *tls)

@@ -20,9 +20,12 @@ def s3(monkeypatch):
         port = sock.getsockname()[1]
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
         monkeypatch.setenv(key, value)  # read by s3fs in this process and in the workers
     import s3fs
 
@@ -37,8 +40,15 @@ def s3(monkeypatch):
 
 def test_whole_job_on_an_s3_store(s3):
     store = f"{s3}/demo.zarr"
-    small = {"dataset": "demo", "train_size": 200, "test_size": 60, "tile_size": 64, "depth": 2,
-             "weight_var": 1.6, "bias_var": 0.2}  # fmt: skip
+    small = {
+        "dataset": "demo",
+        "train_size": 200,
+        "test_size": 60,
+        "tile_size": 64,
+        "depth": 2,
+        "weight_var": 1.6,
+        "bias_var": 0.2,
+    }
     report = jobs.run(store, noise=1e-3, workers=2, progress=False, **small)
     assert report["accuracy"] > 0.5
     ds = nngp_dist.open_store(store)

@@ -55,8 +55,16 @@ def check_against_scipy(store, noise_rel, report):
 def make_kernel(tmp_path, client, n=150, m=40, tile=32, **kw):
     store = tmp_path / "k.zarr"
     spec = {"depth": 2, "weight_var": 1.6, "bias_var": 0.2, **kw}
-    jobs.kernel(str(store), dataset="demo", train_size=n, test_size=m, tile_size=tile,
-                client=client, progress=False, **spec)  # fmt: skip
+    jobs.kernel(
+        str(store),
+        dataset="demo",
+        train_size=n,
+        test_size=m,
+        tile_size=tile,
+        client=client,
+        progress=False,
+        **spec,
+    )
     return store
 
 
@@ -76,11 +84,17 @@ def test_seeded_spd_matrix_regression_targets(tmp_path, client):
     rng = np.random.default_rng(5)
     n, m = 90, 25
     x = rng.standard_normal((n + m, 12))
-    np.savez(tmp_path / "d.npz", x_train=x[:n], y_train=rng.standard_normal(n),
-             x_test=x[n:], y_test=rng.standard_normal(m))  # fmt: skip
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x[:n],
+        y_train=rng.standard_normal(n),
+        x_test=x[n:],
+        y_test=rng.standard_normal(m),
+    )
     store = tmp_path / "k.zarr"
-    jobs.kernel(str(store), dataset=f"npz:{tmp_path / 'd.npz'}", tile_size=20, client=client,
-                progress=False)  # fmt: skip
+    jobs.kernel(
+        str(store), dataset=f"npz:{tmp_path / 'd.npz'}", tile_size=20, client=client, progress=False
+    )
     a = rng.standard_normal((n + m, n + m))
     full = a @ a.T / (n + m) + 0.5 * np.eye(n + m)
     g = zarr.open_group(str(store), mode="r+")
@@ -114,8 +128,14 @@ def test_output_scale_and_calibration_on_draws_from_the_prior(tmp_path, client, 
     y = np.linalg.cholesky(s2 * (k + s * np.eye(n + m))) @ rng.standard_normal((n + m, c))
     np.savez(tmp_path / "d.npz", x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:])
     store = str(tmp_path / "k.zarr")
-    jobs.kernel(store, dataset=f"npz:{tmp_path / 'd.npz'}", tile_size=32, client=client,
-                progress=False, **arch)  # fmt: skip
+    jobs.kernel(
+        store,
+        dataset=f"npz:{tmp_path / 'd.npz'}",
+        tile_size=32,
+        client=client,
+        progress=False,
+        **arch,
+    )
     solved = jobs.solve(store, noise=noise, method=method, client=client, progress=False)
     assert solved["output_scale"] == pytest.approx(s2, rel=0.05)  # sd sqrt(2 / (n c)) = 1%
     report = jobs.predict(store, bins=4, client=client, progress=False)
@@ -127,11 +147,23 @@ def test_output_scale_and_calibration_on_draws_from_the_prior(tmp_path, client, 
 def test_jitter_escalates_on_a_rank_deficient_kernel(tmp_path, client):
     # A linear kernel of 10-dimensional inputs has rank 11 < N: singular without noise.
     rng = np.random.default_rng(6)
-    np.savez(tmp_path / "d.npz", x_train=rng.random((60, 10)), y_train=rng.integers(0, 3, 60),
-             x_test=rng.random((7, 10)), y_test=rng.integers(0, 3, 7))  # fmt: skip
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=rng.random((60, 10)),
+        y_train=rng.integers(0, 3, 60),
+        x_test=rng.random((7, 10)),
+        y_test=rng.integers(0, 3, 7),
+    )
     store = tmp_path / "k.zarr"
-    jobs.kernel(str(store), dataset=f"npz:{tmp_path / 'd.npz'}", depth=0, bias_var=0.1,
-                tile_size=16, client=client, progress=False)  # fmt: skip
+    jobs.kernel(
+        str(store),
+        dataset=f"npz:{tmp_path / 'd.npz'}",
+        depth=0,
+        bias_var=0.1,
+        tile_size=16,
+        client=client,
+        progress=False,
+    )
     rec = jobs.solve(str(store), noise=1e-18, client=client, progress=False)
     assert rec["noise"] > 1e-18 and len(rec["attempts"]) >= 2
     assert rec["attempts"][-1]["result"] == "ok"
@@ -174,12 +206,18 @@ def test_indefinite_at_the_cap_is_a_clear_error_and_kernel_untouched(tmp_path, c
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"noise": 0.0}, "positive"), ({"noise": float("nan")}, "positive"),
-     ({"noise": "abc"}, "number"), ({"noise": 1e-3, "max_noise": 1e-4}, "below"),
-     ({"method": "lu"}, "unknown --method"), ({"maxiter": 0}, "maxiter"), ({"tol": 0}, "tol"),
-     ({"noise": "1e-3,1e-2", "validation_size": 40}, "validation-size"),
-     ({"preconditioner": "ilu"}, "preconditioner")],
-)  # fmt: skip
+    [
+        ({"noise": 0.0}, "positive"),
+        ({"noise": float("nan")}, "positive"),
+        ({"noise": "abc"}, "number"),
+        ({"noise": 1e-3, "max_noise": 1e-4}, "below"),
+        ({"method": "lu"}, "unknown --method"),
+        ({"maxiter": 0}, "maxiter"),
+        ({"tol": 0}, "tol"),
+        ({"noise": "1e-3,1e-2", "validation_size": 40}, "validation-size"),
+        ({"preconditioner": "ilu"}, "preconditioner"),
+    ],
+)
 def test_bad_solver_options(tmp_path, client, kw, match):
     store = make_kernel(tmp_path, client, n=40, tile=16)
     with pytest.raises(UserError, match=match):
@@ -220,8 +258,15 @@ def test_pcg_reports_when_it_stops_unconverged():
 @pytest.mark.parametrize("precond", ["nystrom", "block-jacobi", "none"])
 def test_cg_on_the_store_against_scipy(tmp_path, client, precond):
     store = make_kernel(tmp_path, client, n=150, m=40, tile=32)
-    rec = jobs.solve(str(store), method="cg", noise=1e-2, tol=1e-10, preconditioner=precond,
-                     client=client, progress=False)  # fmt: skip
+    rec = jobs.solve(
+        str(store),
+        method="cg",
+        noise=1e-2,
+        tol=1e-10,
+        preconditioner=precond,
+        client=client,
+        progress=False,
+    )
     assert rec["cg"]["converged"] and rec["log_marginal_likelihood"] is None
     report = jobs.predict(str(store), client=client, progress=False)
     alpha, mean, var, _ = scipy_posterior(store, 1e-2)
@@ -232,8 +277,9 @@ def test_cg_on_the_store_against_scipy(tmp_path, client, precond):
     assert report["log_marginal_likelihood"] is None and report["n_test"] == 40
     assert KernelStore.open(str(store)).status()["stage"] == "done"
     with pytest.warns(UserWarning, match="unconverged"):
-        rec = jobs.solve(str(store), method="cg", noise=1e-6, tol=1e-14, maxiter=2,
-                         client=client, progress=False)  # fmt: skip
+        rec = jobs.solve(
+            str(store), method="cg", noise=1e-6, tol=1e-14, maxiter=2, client=client, progress=False
+        )
     assert not rec["cg"]["converged"]
 
 
@@ -249,12 +295,32 @@ def test_incomplete_kernel_and_unsolved_store_are_refused(tmp_path, client):
 def test_killed_factorisation_resumes(tmp_path):
     """SIGKILL a real `nngp-dist solve` (client, scheduler and workers) mid-way, then re-run."""
     store = tmp_path / "k.zarr"
-    nngp_dist.kernel(str(store), dataset="demo", train_size=1200, test_size=50, tile_size=100,
-                     depth=2, scheduler="synchronous", progress=False)  # fmt: skip
-    cmd = [sys.executable, "-m", "nngp_dist.cli", "solve", "--store", str(store), "--noise",
-           "1e-3", "--workers", "2", "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    nngp_dist.kernel(
+        str(store),
+        dataset="demo",
+        train_size=1200,
+        test_size=50,
+        tile_size=100,
+        depth=2,
+        scheduler="synchronous",
+        progress=False,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "nngp_dist.cli",
+        "solve",
+        "--store",
+        str(store),
+        "--noise",
+        "1e-3",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     rec_dir = store / "tiles" / "chol" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -270,9 +336,22 @@ def test_killed_factorisation_resumes(tmp_path):
     assert out.returncode == 0, out.stderr
     meta = zarr.open_group(str(store)).attrs["nngp_dist"]
     assert meta["factor"]["attempts"][-1]["tiles_resumed"] >= done_before
-    out = subprocess.run([sys.executable, "-m", "nngp_dist.cli", "predict", "--store", str(store),
-                          "--json", str(tmp_path / "r.json"), "--quiet"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nngp_dist.cli",
+            "predict",
+            "--store",
+            str(store),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     check_against_scipy(store, 1e-3, json.loads((tmp_path / "r.json").read_text()))
 
@@ -300,8 +379,13 @@ def test_kernel_several_times_larger_than_worker_memory(tmp_path):
 
     rng = np.random.default_rng(9)
     n = 13_000
-    np.savez(tmp_path / "d.npz", x_train=rng.random((n, 20)), y_train=rng.integers(0, 10, n),
-             x_test=rng.random((300, 20)), y_test=rng.integers(0, 10, 300))  # fmt: skip
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=rng.random((n, 20)),
+        y_train=rng.integers(0, 10, n),
+        x_test=rng.random((300, 20)),
+        y_test=rng.integers(0, 10, 300),
+    )
     store = str(tmp_path / "k.zarr")
     limit = 512e6
     with connect(workers=2, memory_limit=int(limit)) as c:
@@ -326,8 +410,13 @@ def test_noise_grid_against_brute_force(tmp_path, client):
     """Every grid value's LML and validation accuracy against a separate SciPy solve."""
     store = make_kernel(tmp_path, client, n=160, m=30, tile=48)
     grid = [1e-4, 1e-2, 1e-1]
-    rec = jobs.solve(str(store), noise=",".join(map(str, grid)), validation_size=40,
-                     client=client, progress=False)  # fmt: skip
+    rec = jobs.solve(
+        str(store),
+        noise=",".join(map(str, grid)),
+        validation_size=40,
+        client=client,
+        progress=False,
+    )
     sel = rec["selection"]
     ds = nngp_dist.open_store(str(store))
     k, y = ds.k_train_train.values, ds.y_train.values
@@ -338,8 +427,11 @@ def test_noise_grid_against_brute_force(tmp_path, client):
         kf = k[:120, :120] + rel * mean_diag * np.eye(120)
         low = np.linalg.cholesky(kf)
         alpha = sl.cho_solve((low, True), t[:120])
-        lml = (-0.5 * (t[:120] * alpha).sum() - t.shape[1] * np.log(np.diag(low)).sum()
-               - 0.5 * t.shape[1] * 120 * np.log(2 * np.pi))  # fmt: skip
+        lml = (
+            -0.5 * (t[:120] * alpha).sum()
+            - t.shape[1] * np.log(np.diag(low)).sum()
+            - 0.5 * t.shape[1] * 120 * np.log(2 * np.pi)
+        )
         acc = ((k[120:, :120] @ alpha).argmax(1) == y[120:]).mean()
         accs.append(acc)
         assert row["log_marginal_likelihood"] == pytest.approx(lml, rel=1e-9)
@@ -376,6 +468,13 @@ def test_bad_predict_options_fail_before_work(tmp_path, client, kw, match):
     with pytest.raises(UserError, match=match):
         jobs.predict(str(store), client=client, progress=False, **kw)
     with pytest.raises(UserError, match=match):  # run checks them before the kernel
-        jobs.run(str(tmp_path / "new.zarr"), dataset="demo", train_size=40, test_size=10,
-                 client=client, progress=False, **kw)  # fmt: skip
+        jobs.run(
+            str(tmp_path / "new.zarr"),
+            dataset="demo",
+            train_size=40,
+            test_size=10,
+            client=client,
+            progress=False,
+            **kw,
+        )
     assert not (tmp_path / "new.zarr").exists()

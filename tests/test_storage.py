@@ -126,8 +126,17 @@ def test_unwritable_location_is_refused(tmp_path, small_npz):
     from nngp_dist.sweep import sweep
 
     with pytest.raises(UserError, match="--out"):
-        sweep(str(ro / "sw"), dataset="demo", train_size=50, validation_size=20, depths="1",
-              weight_vars="1", bias_vars="0", noises="1e-2", progress=False)  # fmt: skip
+        sweep(
+            str(ro / "sw"),
+            dataset="demo",
+            train_size=50,
+            validation_size=20,
+            depths="1",
+            weight_vars="1",
+            bias_vars="0",
+            noises="1e-2",
+            progress=False,
+        )
 
 
 def test_status_counts_tiles_and_stage(tmp_path, small_npz):
@@ -145,11 +154,32 @@ def test_killed_job_resumes_where_it_stopped(tmp_path):
     """SIGKILL a real job mid-way, then re-run: done tiles are kept, the result is exact."""
     store = tmp_path / "k.zarr"
     cmd = [
-        sys.executable, "-m", "nngp_dist.cli", "kernel", "--store", str(store),
-        "--dataset", "demo", "--train-size", "600", "--test-size", "100", "--tile-size", "40",
-        "--activation", "erf", "--depth", "300", "--weight-var", "1.5", "--bias-var", "0.1",
-        "--scheduler", "synchronous", "--quiet",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "nngp_dist.cli",
+        "kernel",
+        "--store",
+        str(store),
+        "--dataset",
+        "demo",
+        "--train-size",
+        "600",
+        "--test-size",
+        "100",
+        "--tile-size",
+        "40",
+        "--activation",
+        "erf",
+        "--depth",
+        "300",
+        "--weight-var",
+        "1.5",
+        "--bias-var",
+        "0.1",
+        "--scheduler",
+        "synchronous",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tiles_file = store / "tiles" / "k_train_train"
     deadline = time.monotonic() + 120
@@ -187,8 +217,11 @@ def test_fsspec_url_store(small_npz):
     with pytest.raises(UserError, match="different run"):
         run(url, small_npz, tile_size=8)
     spec, x, _ = untiled(small_npz)
-    np.testing.assert_allclose(nngp_dist.open_store(url).k_test_train.values[:, :5],
-                               spec.cross(untiled(small_npz)[2], x[:5]), rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        nngp_dist.open_store(url).k_test_train.values[:, :5],
+        spec.cross(untiled(small_npz)[2], x[:5]),
+        rtol=1e-12,
+    )
 
 
 def test_half_created_store_is_redone_and_foreign_group_refused(tmp_path, small_npz):
@@ -217,8 +250,9 @@ def test_home_and_relative_paths_mean_one_store(tmp_path, small_npz, monkeypatch
 def test_a_python_nonlinearity_object_is_used_and_recorded(tmp_path, small_npz):
     from nngp_dist.kernels import elementwise
 
-    phi = elementwise(np.sin, lambda x: np.cos(x), name="sin", spec={"name": "custom",
-                      "function": "numpy:sin"})  # fmt: skip
+    phi = elementwise(
+        np.sin, lambda x: np.cos(x), name="sin", spec={"name": "custom", "function": "numpy:sin"}
+    )
     run(tmp_path / "k.zarr", small_npz, tile_size=8, activation=phi, kernel="ntk")
     spec, x, _ = untiled(small_npz, activation="numpy:sin", kernel="ntk")
     ds = nngp_dist.open_store(str(tmp_path / "k.zarr"))
@@ -238,8 +272,12 @@ def test_flushed_tiles_read_back_with_plain_zarr(tmp_path, monkeypatch):
     real = workers.os.fdatasync
     monkeypatch.setattr(workers.os, "fdatasync", lambda fd: flushed.append(fd) or real(fd))
     rng = np.random.default_rng(3)
-    arrays = {"big": rng.standard_normal((600, 600)), "small": rng.standard_normal((5, 5)),
-              "constant": np.full((300, 300), 7.0), "tiles/k": np.ones((2, 2))}  # fmt: skip
+    arrays = {
+        "big": rng.standard_normal((600, 600)),
+        "small": rng.standard_normal((5, 5)),
+        "constant": np.full((300, 300), 7.0),
+        "tiles/k": np.ones((2, 2)),
+    }
     group = zarr.open_group(workers.FlushingStore(tmp_path / "s.zarr"), mode="w")
     for name, a in arrays.items():
         group.create_array(name, shape=a.shape, chunks=a.shape, dtype="float64")[...] = a
@@ -292,9 +330,12 @@ def test_direct_chunks_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, refuse
     monkeypatch.setattr(workers.os, "open", spy_open)
     monkeypatch.setattr(workers.os, "write", spy_write)
     rng = np.random.default_rng(5)
-    arrays = {"big": rng.standard_normal((700, 700)), "small": rng.standard_normal((3, 3)),
-              "block": rng.standard_normal(512),
-              "ramp": np.arange(40000.0).reshape(200, 200)}  # fmt: skip
+    arrays = {
+        "big": rng.standard_normal((700, 700)),
+        "small": rng.standard_normal((3, 3)),
+        "block": rng.standard_normal(512),
+        "ramp": np.arange(40000.0).reshape(200, 200),
+    }
     roots = {"flushing": tmp_path / "f.zarr", "plain": tmp_path / "p.zarr"}
     for kind, root in roots.items():
         store = workers.FlushingStore(root) if kind == "flushing" else str(root)
@@ -302,8 +343,9 @@ def test_direct_chunks_are_byte_for_byte_zarrs_own(tmp_path, monkeypatch, refuse
         for name, a in arrays.items():
             chunks = (350, 350) if name == "big" else a.shape
             codecs = None if name == "block" else COMPRESSORS  # 4096 bytes exactly
-            group.create_array(name, shape=a.shape, chunks=chunks, dtype="float64",
-                               compressors=codecs)[...] = a  # fmt: skip
+            group.create_array(
+                name, shape=a.shape, chunks=chunks, dtype="float64", compressors=codecs
+            )[...] = a
     files = (p.relative_to(roots["plain"]) for p in roots["plain"].rglob("*") if p.is_file())
     chunks = [rel for rel in files if "c" in rel.parts]  # chunk keys: <array>/c/<i>/<j>
     assert len(chunks) >= 7
@@ -339,8 +381,7 @@ def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkey
         return flush
 
     for name in ("fdatasync", "fsync"):
-        monkeypatch.setattr(workers.os, name, failing(28, "No space left on device"),
-                            raising=False)  # fmt: skip
+        monkeypatch.setattr(workers.os, name, failing(28, "No space left on device"), raising=False)
     with pytest.raises(OSError, match="No space left"):
         arr[...] = 2 * old
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], old)

@@ -51,14 +51,22 @@ def oracle(ds, n, v, depth, w, b, noise):
 
 def test_sweep_matches_direct_fits_and_resumes(tmp_path, client):
     out = tmp_path / "sw"
-    r = sweep(str(out), dataset="demo", train_size=300, validation_size=200, client=client,
-              progress=False, **GRID)  # fmt: skip
+    r = sweep(
+        str(out),
+        dataset="demo",
+        train_size=300,
+        validation_size=200,
+        client=client,
+        progress=False,
+        **GRID,
+    )
     assert r["grid_points"] == r["grid_points_computed"] == 4
     assert len(r["rows"]) == 4 * 3 * 2
     ds = datasets.load("demo")
     for row in r["rows"][::5]:
-        acc, mse = oracle(ds, 300, 200, row["depth"], row["weight_var"], row["bias_var"],
-                          row["noise"])  # fmt: skip
+        acc, mse = oracle(
+            ds, 300, 200, row["depth"], row["weight_var"], row["bias_var"], row["noise"]
+        )
         assert row["validation_accuracy"] == pytest.approx(acc, abs=1e-12)
         assert row["validation_mse"] == pytest.approx(mse, rel=1e-9)
     best = r["best"]
@@ -70,16 +78,37 @@ def test_sweep_matches_direct_fits_and_resumes(tmp_path, client):
     # A killed sweep: one finished point on disk, one line cut short. Only 3 are redone.
     lines = (out / POINTS_FILE).read_text().splitlines()
     (out / POINTS_FILE).write_text(lines[0] + "\n" + lines[1][:40])
-    r2 = sweep(str(out), dataset="demo", train_size=300, validation_size=200, client=client,
-               progress=False, **GRID)  # fmt: skip
+    r2 = sweep(
+        str(out),
+        dataset="demo",
+        train_size=300,
+        validation_size=200,
+        client=client,
+        progress=False,
+        **GRID,
+    )
     assert r2["grid_points_computed"] == 3
     assert scores(r2["rows"]) == scores(r["rows"])
-    r4 = sweep(str(out), dataset="demo", train_size=300, validation_size=200, client=client,
-               progress=False, **GRID)  # fmt: skip
+    r4 = sweep(
+        str(out),
+        dataset="demo",
+        train_size=300,
+        validation_size=200,
+        client=client,
+        progress=False,
+        **GRID,
+    )
     assert r4["grid_points_computed"] == 0 and scores(r4["rows"]) == scores(r["rows"])
     # Other settings (here the split) are never mixed with these results.
-    r3 = sweep(str(out), dataset="demo", train_size=250, validation_size=200, client=client,
-               progress=False, **{**GRID, "weight_vars": "2", "bias_vars": "0.3"})  # fmt: skip
+    r3 = sweep(
+        str(out),
+        dataset="demo",
+        train_size=250,
+        validation_size=200,
+        client=client,
+        progress=False,
+        **{**GRID, "weight_vars": "2", "bias_vars": "0.3"},
+    )
     assert r3["grid_points_computed"] == 1
 
 
@@ -109,8 +138,19 @@ def test_sweep_cli_exit_codes(tmp_path):
 @pytest.fixture(scope="module")
 def finished_store(tmp_path_factory, client):
     store = tmp_path_factory.mktemp("fig") / "k.zarr"
-    jobs.run(str(store), dataset="demo", train_size=300, test_size=120, tile_size=64, depth=2,
-             weight_var=1.6, bias_var=0.2, noise=1e-2, client=client, progress=False)  # fmt: skip
+    jobs.run(
+        str(store),
+        dataset="demo",
+        train_size=300,
+        test_size=120,
+        tile_size=64,
+        depth=2,
+        weight_var=1.6,
+        bias_var=0.2,
+        noise=1e-2,
+        client=client,
+        progress=False,
+    )
     return store
 
 
@@ -133,8 +173,15 @@ def test_learning_curve_against_scipy(finished_store):
 def test_figures_write_pngs(tmp_path, finished_store):
     import matplotlib.image as mpimg
 
-    sw = sweep(str(tmp_path / "sw"), dataset="demo", train_size=100, validation_size=50,
-               progress=False, scheduler="synchronous", **GRID)  # fmt: skip
+    sw = sweep(
+        str(tmp_path / "sw"),
+        dataset="demo",
+        train_size=100,
+        validation_size=50,
+        progress=False,
+        scheduler="synchronous",
+        **GRID,
+    )
     r = figures(str(finished_store), str(tmp_path / "png"), sweep=sw["files"]["json"], sample=90)
     assert set(r["files"]) == {"calibration", "kernel", "learning_curve", "sweep"}
     for path in r["files"].values():
@@ -144,7 +191,8 @@ def test_figures_write_pngs(tmp_path, finished_store):
 
 def test_figures_refuse_unfinished_store(tmp_path, client):
     store = tmp_path / "k.zarr"
-    jobs.kernel(str(store), dataset="demo", train_size=60, test_size=20, client=client,
-                progress=False)  # fmt: skip
+    jobs.kernel(
+        str(store), dataset="demo", train_size=60, test_size=20, client=client, progress=False
+    )
     res = CliRunner().invoke(main, ["figures", "--store", str(store), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "finished run" in res.output

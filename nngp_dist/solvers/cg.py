@@ -22,16 +22,19 @@ block-Jacobi (the diagonal tiles' Cholesky factors, kept as ``cg_blockjacobi``),
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from distributed import as_completed
+from scipy.linalg import cho_factor, cho_solve, cholesky
 
-from .. import workers
-from ..storage import KernelStore, solve_block
-from ..tiling import span
+from ..layout import CG_BLOCKJACOBI, CG_NYSTROM, K_TRAIN_TRAIN
+from ..storage import KernelStore
+from ..tiling import symmetric
+from ..workers import TaskContext, store_task
+from .tiles import add_jitter
 
 __all__ = ["PRECONDITIONERS", "StoreSystem", "block_jacobi", "nystrom", "pcg", "store_operator"]
 
@@ -92,149 +95,125 @@ def pcg(
         p = z + (rz_new / np.where(rz != 0, rz, 1.0)) * p
         rz = rz_new
     true = float((np.linalg.norm(b - matvec(x), axis=0) / norm_b).max())
-    log = {"iterations": it, "converged": converged and true <= 10 * tol,
-           "residuals": residuals, "true_residual": true, "tol": tol}  # fmt: skip
+    log = {
+        "iterations": it,
+        "converged": converged and true <= 10 * tol,
+        "residuals": residuals,
+        "true_residual": true,
+        "tol": tol,
+    }
     return (x[:, 0] if squeeze else x), log
 
 
 # --- the operator and preconditioner on the store (tasks on workers) ---------------------------
 
 
-def _row_product(url: str, token: str, t: int, n: int, i: int, v: np.ndarray, noise: float) -> dict:
+@store_task
+def _row_product(ctx: TaskContext, g: Any, i: int, v: np.ndarray, jitter: float) -> dict:
     """Block row i's share of (K + s I) v: {block j: partial product}."""
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    k = g["k_train_train"]
-    nt = math.ceil(n / t)
-    rows = span(t, n, i)
-    out = {i: noise * v[rows]}
-    for j in range(i, nt):
-        cols = span(t, n, j)
+    k = g[K_TRAIN_TRAIN]
+    rows = ctx.span(i)
+    out = {i: jitter * v[rows]}
+    for j in range(i, ctx.blocks):
+        cols = ctx.span(j)
         tile = np.asarray(k[rows, cols], dtype=np.float64)
         if i == j:
-            tile = np.triu(tile) + np.triu(tile, 1).T
-            out[i] += tile @ v[rows]
+            out[i] += symmetric(tile) @ v[rows]
         else:
             out[i] += tile @ v[cols]
             out[j] = tile.T @ v[rows]
     return out
 
 
-def _bj_factor(url: str, token: str, t: int, n: int, i: int, noise: float) -> None:
-    from scipy.linalg import cholesky  # noqa: PLC0415
-
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    rows = span(t, n, i)
-    a = np.asarray(g["k_train_train"][rows, rows], dtype=np.float64)
-    a = np.triu(a) + np.triu(a, 1).T
-    a[np.diag_indices_from(a)] += noise
-    g["cg_blockjacobi"][rows, : rows.stop - rows.start] = cholesky(a, lower=True)
+@store_task
+def _bj_factor(ctx: TaskContext, g: Any, i: int, jitter: float) -> None:
+    rows = ctx.span(i)
+    a = add_jitter(symmetric(np.asarray(g[K_TRAIN_TRAIN][rows, rows], dtype=np.float64)), jitter)
+    g[CG_BLOCKJACOBI][rows, : rows.stop - rows.start] = cholesky(a, lower=True)
 
 
-def _bj_apply(url: str, token: str, t: int, n: int, i: int, r: np.ndarray) -> np.ndarray:
-    from scipy.linalg import cho_solve  # noqa: PLC0415
-
-    g = workers.open_group(url, token)
-    rows = span(t, n, i)
-    low = np.asarray(g["cg_blockjacobi"][rows, : rows.stop - rows.start])
+@store_task
+def _bj_apply(ctx: TaskContext, g: Any, i: int, r: np.ndarray) -> np.ndarray:
+    rows = ctx.span(i)
+    low = np.asarray(g[CG_BLOCKJACOBI][rows, : rows.stop - rows.start])
     return cho_solve((low, True), r, check_finite=False)
 
 
-def store_operator(store: KernelStore, client: Any, noise: float) -> Operator:
+def store_operator(store: KernelStore, client: Any, jitter: float) -> Operator:
     """``v -> (K + s I) v`` with K the stored kernel, one task per block row."""
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
-    url, token = store.url, workers.store_token(meta)
-    nt = math.ceil(n / t)
+    ctx = TaskContext.of(store)
 
     def matvec(v: np.ndarray) -> np.ndarray:
         vf = client.scatter(v, broadcast=True, hash=False)
-        futures = [client.submit(_row_product, url, token, t, n, i, vf, noise, pure=False)
-                   for i in range(nt)]  # fmt: skip
+        futures = [
+            client.submit(_row_product, ctx, i, vf, jitter, pure=False) for i in range(ctx.blocks)
+        ]
         out = np.zeros_like(v)
         for fut in futures:
             for j, part in fut.result().items():
-                out[span(t, n, j)] += part
+                out[ctx.span(j)] += part
         return out
 
     return matvec
 
 
-def block_jacobi(store: KernelStore, client: Any, noise: float) -> Operator:
+def block_jacobi(store: KernelStore, client: Any, jitter: float) -> Operator:
     """The block-Jacobi preconditioner: ``(K_ii + s I)^-1`` on each block, factors in the store."""
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
-    url, token = store.url, workers.store_token(meta)
-    nt = math.ceil(n / t)
-    store.group.create_array("cg_blockjacobi", shape=(n, min(t, n)), chunks=(t, min(t, n)),
-                             dtype="float64", fill_value=np.nan, compressors=None,
-                             dimension_names=("train", "block_col"), overwrite=True)  # fmt: skip
-    client.gather([client.submit(_bj_factor, url, token, t, n, i, noise, pure=False)
-                   for i in range(nt)])  # fmt: skip
+    ctx = TaskContext.of(store)
+    store.create_scratch(CG_BLOCKJACOBI, min(ctx.t, ctx.n))
+    client.gather(
+        [client.submit(_bj_factor, ctx, i, jitter, pure=False) for i in range(ctx.blocks)]
+    )
 
     def apply(r: np.ndarray) -> np.ndarray:
-        futures = [client.submit(_bj_apply, url, token, t, n, i, r[span(t, n, i)], pure=False)
-                   for i in range(nt)]  # fmt: skip
+        futures = [
+            client.submit(_bj_apply, ctx, i, r[ctx.span(i)], pure=False) for i in range(ctx.blocks)
+        ]
         return np.concatenate(client.gather(futures))
 
     return apply
 
 
-def _ny_columns(url: str, token: str, t: int, n: int, i: int) -> np.ndarray:
+@store_task
+def _ny_columns(ctx: TaskContext, g: Any, i: int) -> np.ndarray:
     """Worker task: C_i = K[block i, landmarks] (the landmarks are block 0), kept in the store;
     returns C_i^T C_i."""
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    r = span(t, n, 0)
-    tile = np.asarray(g["k_train_train"][r, span(t, n, i)], dtype=np.float64)
-    c_i = (np.triu(tile) + np.triu(tile, 1).T) if i == 0 else tile.T
-    g["cg_nystrom"][span(t, n, i), :] = c_i
+    tile = np.asarray(g[K_TRAIN_TRAIN][ctx.span(0), ctx.span(i)], dtype=np.float64)
+    c_i = symmetric(tile) if i == 0 else tile.T
+    g[CG_NYSTROM][ctx.span(i), :] = c_i
     return c_i.T @ c_i
 
 
-def _ny_project(url: str, token: str, t: int, n: int, i: int, r_i: np.ndarray) -> np.ndarray:
-    g = workers.open_group(url, token)
-    return np.asarray(g["cg_nystrom"][span(t, n, i), :]).T @ r_i
+@store_task
+def _ny_project(ctx: TaskContext, g: Any, i: int, r_i: np.ndarray) -> np.ndarray:
+    return np.asarray(g[CG_NYSTROM][ctx.span(i), :]).T @ r_i
 
 
-def _ny_expand(url: str, token: str, t: int, n: int, i: int, y: np.ndarray) -> np.ndarray:
-    g = workers.open_group(url, token)
-    return np.asarray(g["cg_nystrom"][span(t, n, i), :]) @ y
+@store_task
+def _ny_expand(ctx: TaskContext, g: Any, i: int, y: np.ndarray) -> np.ndarray:
+    return np.asarray(g[CG_NYSTROM][ctx.span(i), :]) @ y
 
 
-def nystrom(store: KernelStore, client: Any, noise: float) -> Operator:
+def nystrom(store: KernelStore, client: Any, jitter: float) -> Operator:
     """The Nystrom preconditioner ``(C W^-1 C^T + s I)^-1`` with the first tile's points as
     landmarks (C = K[:, landmarks], W = K[landmarks, landmarks]), applied by Woodbury's
     identity: ``(r - C (s W + C^T C)^-1 C^T r) / s``. It captures the kernel's large low-rank
     part, which block-Jacobi misses (measured on real kernels: benchmarks/RESULTS.md)."""
-    from scipy.linalg import cho_factor, cho_solve  # noqa: PLC0415
-
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
-    url, token = store.url, workers.store_token(meta)
-    nt, r = math.ceil(n / t), min(t, n)
-    store.group.create_array("cg_nystrom", shape=(n, r), chunks=(t, r), dtype="float64",
-                             fill_value=np.nan, compressors=None,
-                             dimension_names=("train", "landmark"), overwrite=True)  # fmt: skip
-    from distributed import as_completed  # noqa: PLC0415
-
+    ctx = TaskContext.of(store)
+    nt, r = ctx.blocks, min(ctx.t, ctx.n)
+    columns = store.create_scratch(CG_NYSTROM, r)
     gram = np.zeros((r, r))
-    for fut in as_completed(
-        [client.submit(_ny_columns, url, token, t, n, i, pure=False) for i in range(nt)]
-    ):
+    for fut in as_completed([client.submit(_ny_columns, ctx, i, pure=False) for i in range(nt)]):
         gram += fut.result()  # summed as they come: one r x r matrix at a time in memory
-    w = np.asarray(store.group["cg_nystrom"][0:r, :])
-    inner = cho_factor(noise * w + gram, lower=True, check_finite=False)
+    w = np.asarray(columns[0:r, :])
+    inner = cho_factor(jitter * w + gram, lower=True, check_finite=False)
 
     def apply(v: np.ndarray) -> np.ndarray:
-        parts = [client.submit(_ny_project, url, token, t, n, i, v[span(t, n, i)], pure=False)
-                 for i in range(nt)]  # fmt: skip
+        parts = [client.submit(_ny_project, ctx, i, v[ctx.span(i)], pure=False) for i in range(nt)]
         y = cho_solve(inner, np.sum(client.gather(parts), axis=0), check_finite=False)
         yf = client.scatter(y, broadcast=True, hash=False)
-        back = client.gather([client.submit(_ny_expand, url, token, t, n, i, yf, pure=False)
-                              for i in range(nt)])  # fmt: skip
-        return (v - np.concatenate(back)) / noise
+        back = client.gather([client.submit(_ny_expand, ctx, i, yf, pure=False) for i in range(nt)])
+        return (v - np.concatenate(back)) / jitter
 
     return apply
 
@@ -243,17 +222,18 @@ PRECONDITIONERS = {"none": None, "block-jacobi": block_jacobi, "nystrom": nystro
 
 
 class StoreSystem:
-    """``K + s I`` on the store with its preconditioner, built once, solved for many b."""
+    """``K + s I`` on the store (``jitter`` = s, absolute) with its preconditioner, built once,
+    solved for many b."""
 
-    def __init__(self, store: KernelStore, client: Any, noise: float, precond: str = "nystrom"):
+    def __init__(self, store: KernelStore, client: Any, jitter: float, precond: str = "nystrom"):
         if precond not in PRECONDITIONERS:
             raise ValueError(
                 f"unknown preconditioner {precond!r}; choose one of {', '.join(PRECONDITIONERS)}"
             )
         self.precond_name = precond
-        self.matvec = store_operator(store, client, noise)
+        self.matvec = store_operator(store, client, jitter)
         make = PRECONDITIONERS[precond]
-        self.precond = make(store, client, noise) if make is not None else None
+        self.precond = make(store, client, jitter) if make is not None else None
 
     def solve(self, b: np.ndarray, *, tol: float, maxiter: int) -> tuple[np.ndarray, dict]:
         """``(K + s I)^-1 b`` by PCG; the log records seconds and the preconditioner."""

@@ -22,129 +22,82 @@ Workers hold at most four tiles at a time, whatever N is.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import numpy as np
+from distributed import as_completed, wait
 
-from .. import workers
-from ..storage import KernelStore, _utcnow, solve_block
-from ..tiling import span
+from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, record
+from ..progress import progress_bar
+from ..storage import KernelStore, utcnow
+from ..workers import Recorded, TaskContext, store_task
+from .tiles import NotPositiveDefinite, add_jitter, potrf, trsm, update
 
-__all__ = ["NotPositiveDefinite", "factorize"]
-
-WORK = ("chol_work0", "chol_work1")
-
-
-class NotPositiveDefinite(np.linalg.LinAlgError):
-    """A non-positive pivot: the matrix plus the current noise is not numerically SPD."""
+__all__ = ["NotPositiveDefinite", "count_operations", "factorize"]
 
 
-# --- tile operations (worker side) --------------------------------------------------------------
+# --- tasks (worker side): read tiles, apply the tile function, write ----------------------------
 
 
-def _read_a(g: Any, t: int, n: int, i: int, j: int, step: int, noise: float) -> np.ndarray:
+def _read_a(ctx: TaskContext, g: Any, i: int, j: int, step: int, jitter: float) -> np.ndarray:
     """The tile (i, j) of A after ``step`` updates, as float64."""
-    rows, cols = span(t, n, i), span(t, n, j)
+    rows, cols = ctx.span(i), ctx.span(j)
     if step == 0:
-        a = np.asarray(g["k_train_train"][rows, cols], dtype=np.float64)
-        if i == j:
-            a = a.copy()
-            a[np.diag_indices_from(a)] += noise
-        return a
-    return np.asarray(g[WORK[step % 2]][rows, cols])
+        a = g[K_TRAIN_TRAIN][rows, cols]
+        return add_jitter(a, jitter) if i == j else np.asarray(a, dtype=np.float64)
+    return np.asarray(g[CHOL_WORK[step % 2]][rows, cols])
 
 
-def _potrf(url: str, token: str, t: int, n: int, k: int, noise: float, *deps: Any) -> float:
-    from scipy.linalg import cholesky  # noqa: PLC0415
-
-    start = time.perf_counter()
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    a = _read_a(g, t, n, k, k, k, noise)
-    a = np.triu(a) + np.triu(a, 1).T  # the stored tile's upper triangle is authoritative
+@store_task
+def _potrf(ctx: TaskContext, g: Any, k: int, jitter: float, *deps: Any) -> Recorded:
     try:
-        u = cholesky(a, lower=False, check_finite=True)
-    except np.linalg.LinAlgError as e:
+        u = potrf(_read_a(ctx, g, k, k, k, jitter))
+    except NotPositiveDefinite as e:
         raise NotPositiveDefinite(f"diagonal tile {k}: {e}") from None
-    block = span(t, n, k)
-    g["chol"][block, block] = u
-    seconds = time.perf_counter() - start
-    g["tiles/chol"][k, k] = max(seconds, 1e-9)
-    return seconds
+    g[CHOL][ctx.span(k), ctx.span(k)] = u
+    return Recorded(CHOL, (k, k))
 
 
-def _trsm(url: str, token: str, t: int, n: int, k: int, j: int, noise: float, *deps: Any) -> float:
-    from scipy.linalg import solve_triangular  # noqa: PLC0415
-
-    start = time.perf_counter()
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    a = _read_a(g, t, n, k, j, k, noise)
-    u_kk = np.asarray(g["chol"][span(t, n, k), span(t, n, k)])
-    u = solve_triangular(u_kk, a, trans="T", lower=False, check_finite=False)
-    g["chol"][span(t, n, k), span(t, n, j)] = u
-    seconds = time.perf_counter() - start
-    g["tiles/chol"][k, j] = max(seconds, 1e-9)
-    return seconds
+@store_task
+def _trsm(ctx: TaskContext, g: Any, k: int, j: int, jitter: float, *deps: Any) -> Recorded:
+    u_kk = np.asarray(g[CHOL][ctx.span(k), ctx.span(k)])
+    g[CHOL][ctx.span(k), ctx.span(j)] = trsm(u_kk, _read_a(ctx, g, k, j, k, jitter))
+    return Recorded(CHOL, (k, j))
 
 
-def _update(
-    url: str, token: str, t: int, n: int, k: int, i: int, j: int, noise: float, *deps: Any
-) -> float:
-    start = time.perf_counter()
-    workers.tune_allocator()
-    g = workers.open_group(url, token)
-    if int(g["tiles/chol_step"][i, j]) > k:
-        return 0.0  # already applied (a re-run of a task that finished): never move back
-    a = _read_a(g, t, n, i, j, k, noise)
-    u_ki = np.asarray(g["chol"][span(t, n, k), span(t, n, i)])
-    if i == j:
-        a = a - u_ki.T @ u_ki  # SYRK
-    else:
-        a = a - u_ki.T @ np.asarray(g["chol"][span(t, n, k), span(t, n, j)])
-    g[WORK[(k + 1) % 2]][span(t, n, i), span(t, n, j)] = a
-    g["tiles/chol_step"][i, j] = k + 1
-    return time.perf_counter() - start
+@store_task
+def _update(ctx: TaskContext, g: Any, k: int, i: int, j: int, jitter: float, *deps: Any) -> None:
+    steps = g[record(CHOL_STEP)]
+    if int(steps[i, j]) > k:
+        return  # already applied (a re-run of a task that finished): never move back
+    a = _read_a(ctx, g, i, j, k, jitter)
+    u_ki = np.asarray(g[CHOL][ctx.span(k), ctx.span(i)])
+    u_kj = None if i == j else np.asarray(g[CHOL][ctx.span(k), ctx.span(j)])
+    g[CHOL_WORK[(k + 1) % 2]][ctx.span(i), ctx.span(j)] = update(a, u_ki, u_kj)
+    steps[i, j] = k + 1
 
 
 # --- the graph (client side) ----------------------------------------------------------------------
 
 
-def _prepare(store: KernelStore, noise: float, record: dict) -> None:
-    """Create the factor's arrays, or reset them when the recorded noise differs; ``record``
-    (the attempt in hand) becomes the store's ``factor`` attribute either way."""
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
-    nt = math.ceil(n / t)
-    rec = meta.get("factor") or {}
-    fresh = rec.get("noise") != noise or "chol" not in store.group
-    if not fresh:
-        store.update_meta(factor={**rec, **record, "complete": rec.get("complete", False)})
+def _prepare(store: KernelStore, jitter: float, attempt: dict) -> None:
+    """Create the factor's arrays, or keep them when the recorded jitter is the same (a
+    resume); ``attempt`` (the attempt in hand) becomes the store's ``factor`` attribute."""
+    rec = store.meta.get("factor") or {}
+    if rec.get("noise") == jitter and store.has(CHOL):
+        store.update_meta(factor={**rec, **attempt, "complete": rec.get("complete", False)})
         return
-    if not fresh:
-        return
-    g = store.group
-    dims = ("train", "train_col")
-    for name in ("chol", *WORK):
-        g.create_array(name, shape=(n, n), chunks=(t, t), dtype="float64", fill_value=np.nan,
-                       dimension_names=dims, compressors=None, overwrite=True)  # fmt: skip
-    g["tiles"].create_array("chol", shape=(nt, nt), chunks=(1, 1), dtype="float32",
-                            fill_value=np.nan, compressors=None, overwrite=True)  # fmt: skip
-    g["tiles"].create_array("chol_step", shape=(nt, nt), chunks=(1, 1), dtype="int32",
-                            fill_value=0, compressors=None, overwrite=True)  # fmt: skip
-    store.update_meta(factor={**record, "noise": noise, "complete": False})
+    store.create_factor()
+    store.update_meta(factor={**attempt, "noise": jitter, "complete": False})
 
 
-def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, bar: Any) -> None:
+def _submit_all(client: Any, store: KernelStore, jitter: float, lookahead: int, bar: Any) -> None:
     """Submit the missing tile operations in waves of steps; raise what a task raises."""
-    meta = store.meta
-    n, t = meta["n_train"], solve_block(meta)
-    nt = math.ceil(n / t)
-    url, token = store.url, workers.store_token(meta)
-    done = ~np.isnan(store.group["tiles/chol"][...])
-    step = store.group["tiles/chol_step"][...]
+    ctx = TaskContext.of(store)
+    nt = ctx.blocks
+    done = ~np.isnan(store.read(record(CHOL)))
+    step = store.read(record(CHOL_STEP))
     last: dict[tuple[int, int], Any] = {}  # (i, j) -> future of its latest update
     panel: dict[tuple[int, int], Any] = {}  # (k, j) -> future of U[k, j]
     waves: list[list[Any]] = []
@@ -152,9 +105,14 @@ def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, b
 
     def submit(fn: Any, name: str, priority: int, *args: Any, deps: tuple = ()) -> Any:
         fut = client.submit(
-            fn, url, token, t, n, *args, noise, *[d for d in deps if d is not None],
-            key=workers.task_key(url, token, name, *args, f"{noise:.17g}"), priority=priority,
-        )  # fmt: skip
+            fn,
+            ctx,
+            *args,
+            jitter,
+            *[d for d in deps if d is not None],
+            key=ctx.key(name, *args, f"{jitter:.17g}"),
+            priority=priority,
+        )
         submitted.add(fut)
         waves[-1].append(fut)
         return fut
@@ -184,8 +142,6 @@ def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, b
         # Let every submitted task settle (dependents of the failed one err at once) before the
         # caller restarts: a cancelled task that is already running would go on writing into
         # the next attempt's arrays.
-        from distributed import wait  # noqa: PLC0415
-
         wait(list(submitted))
         raise
     except BaseException:
@@ -194,8 +150,6 @@ def _submit_all(client: Any, store: KernelStore, noise: float, lookahead: int, b
 
 
 def _drain(wave: list[Any], bar: Any, submitted: set[Any]) -> None:
-    from distributed import as_completed  # noqa: PLC0415
-
     for fut in as_completed(wave):
         fut.result()  # raises the task's exception, NotPositiveDefinite included
         submitted.discard(fut)
@@ -218,17 +172,15 @@ def factorize(
 ) -> dict:
     """Factor ``k_train_train + s I`` into ``chol``; escalate the noise on a non-positive pivot.
 
-    ``noise`` is relative to the mean of the training diagonal: ``s = noise * mean(diag K)``. If
-    a pivot is not positive, the factorisation restarts with the noise multiplied by 10, up to
-    ``max_noise``; every attempt is recorded in the store's ``factor`` attribute. Returns the
-    record: the noise used (relative and absolute), the attempts, seconds.
+    ``noise`` is relative to the mean of the training diagonal; the jitter added to the diagonal
+    is ``s = noise * mean(diag K)`` (:meth:`KernelStore.mean_diag`). If a pivot is not
+    positive, the factorisation restarts with the noise multiplied by 10, up to ``max_noise``;
+    every attempt is recorded in the store's ``factor`` attribute, whose ``noise`` is the
+    absolute jitter ``s`` and ``noise_rel`` the relative noise. Returns that record.
     """
-    from ..compute import _progress  # noqa: PLC0415
-
-    meta = store.meta
-    mean_diag = float(np.mean(store.group["k_train_diag"][...]))
-    nt = math.ceil(meta["n_train"] / solve_block(meta))
-    rec = meta.get("factor") or {}
+    mean_diag = store.mean_diag()
+    nt = TaskContext.of(store).blocks
+    rec = store.meta.get("factor") or {}
     if rec.get("noise_requested") == noise and rec.get("noise_rel"):
         # The same request as the recorded factor's: resume at the noise it had escalated to.
         rel, attempts = rec["noise_rel"], list(rec.get("attempts", []))
@@ -236,14 +188,16 @@ def factorize(
         rel, attempts = noise, []
     start = time.perf_counter()
     while True:
-        s = rel * mean_diag
-        _prepare(store, s, {"noise_rel": rel, "noise_requested": noise, "attempts": attempts})
-        done = int((~np.isnan(store.group["tiles/chol"][...])).sum())
-        bar = _progress(count_operations(nt), 0, progress, "cholesky")
+        jitter = rel * mean_diag
+        _prepare(store, jitter, {"noise_rel": rel, "noise_requested": noise, "attempts": attempts})
+        done = int((~np.isnan(store.read(record(CHOL)))).sum())
+        bar = progress_bar(count_operations(nt), 0, progress, "cholesky")
         try:
-            _submit_all(client, store, s, lookahead, bar)
+            _submit_all(client, store, jitter, lookahead, bar)
         except NotPositiveDefinite as e:
-            attempts.append({"noise": rel, "noise_abs": s, "result": f"not positive definite: {e}"})
+            attempts.append(
+                {"noise": rel, "noise_abs": jitter, "result": f"not positive definite: {e}"}
+            )
             store.update_meta(factor={**store.meta["factor"], "attempts": attempts})
             nxt = rel * 10
             if nxt > max_noise * (1 + 1e-12):
@@ -258,19 +212,17 @@ def factorize(
         finally:
             bar.close()
         break
-    attempts.append({"noise": rel, "noise_abs": s, "result": "ok", "tiles_resumed": done})
-    record = {
-        "noise": s,
+    attempts.append({"noise": rel, "noise_abs": jitter, "result": "ok", "tiles_resumed": done})
+    factor = {
+        "noise": jitter,
         "noise_rel": rel,
         "noise_requested": noise,
         "mean_diag": mean_diag,
         "attempts": attempts,
         "complete": True,
-        "finished": _utcnow(),
+        "finished": utcnow(),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    store.update_meta(factor=record)
-    for name in WORK:  # the work buffers are no longer needed
-        if name in store.group:
-            del store.group[name]
-    return record
+    store.update_meta(factor=factor)
+    store.drop_factor(work_only=True)  # the work buffers are no longer needed
+    return factor

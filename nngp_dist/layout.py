@@ -1,0 +1,165 @@
+"""The store's layout: every array's name, dimensions and chunking, in one place.
+
+This is the public contract of a kernel store (readable with plain ``zarr`` or ``xarray``,
+without this package). Every other module names arrays through these constants; the README's
+layout table is generated from :data:`ARRAYS` (a test checks that it is). The storage module
+(:mod:`nngp_dist.storage`) is the only one that creates, opens and drops them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "ALPHA",
+    "ARRAYS",
+    "CG_BLOCKJACOBI",
+    "CG_NYSTROM",
+    "CHOL",
+    "CHOL_STEP",
+    "CHOL_WORK",
+    "DIMS",
+    "K_TEST_DIAG",
+    "K_TEST_TRAIN",
+    "K_TRAIN_DIAG",
+    "K_TRAIN_TRAIN",
+    "KERNEL_ARRAYS",
+    "MEAN",
+    "PREDICT",
+    "RECORDS",
+    "T_TRAIN",
+    "VARIANCE",
+    "X_TEST",
+    "X_TRAIN",
+    "Y_TEST",
+    "Y_TRAIN",
+    "layout_table",
+    "record",
+]
+
+# Inputs, written when the store is created.
+X_TRAIN, X_TEST, Y_TRAIN, Y_TEST = "x_train", "x_test", "y_train", "y_test"
+# The kernel stage.
+K_TRAIN_TRAIN, K_TEST_TRAIN = "k_train_train", "k_test_train"
+K_TRAIN_DIAG, K_TEST_DIAG = "k_train_diag", "k_test_diag"
+KERNEL_ARRAYS = (K_TRAIN_TRAIN, K_TEST_TRAIN, K_TRAIN_DIAG, K_TEST_DIAG)
+# The solve stage.
+T_TRAIN, ALPHA = "t_train", "alpha"
+CHOL, CHOL_WORK = "chol", ("chol_work0", "chol_work1")
+CG_NYSTROM, CG_BLOCKJACOBI = "cg_nystrom", "cg_blockjacobi"
+# The predict stage.
+MEAN, VARIANCE = "mean", "variance"
+# Completion records live in the group RECORDS, one array per tiled array, plus CHOL_STEP (the
+# updates each factor tile has received) and PREDICT (one per block of test points).
+RECORDS = "tiles"
+CHOL_STEP, PREDICT = "chol_step", "predict"
+
+
+def record(name: str) -> str:
+    """The path of the completion records of ``name`` (an array, ``chol_step`` or ``predict``)."""
+    return f"{RECORDS}/{name}"
+
+
+# Dimension names, so that xarray.open_zarr reads the store.
+DIMS = {
+    X_TRAIN: ("train", "feature"),
+    X_TEST: ("test", "feature"),
+    Y_TRAIN: ("train",),
+    Y_TEST: ("test",),
+    K_TRAIN_TRAIN: ("train", "train_col"),
+    K_TEST_TRAIN: ("test", "train_col"),
+    K_TRAIN_DIAG: ("train",),
+    K_TEST_DIAG: ("test",),
+    T_TRAIN: ("train", "output"),
+    ALPHA: ("train", "output"),
+    CHOL: ("train", "train_col"),
+    CHOL_WORK[0]: ("train", "train_col"),
+    CHOL_WORK[1]: ("train", "train_col"),
+    CG_NYSTROM: ("train", "landmark"),
+    CG_BLOCKJACOBI: ("train", "block_col"),
+    MEAN: ("test", "output"),
+    VARIANCE: ("test",),
+}
+
+
+class ArrayDoc(NamedTuple):
+    """One row of the layout table: what a user reading the store finds."""
+
+    name: str
+    shape: str
+    chunks: str
+    contents: str
+
+
+# T is the tile edge, S the solvers' block (the attribute ``solve_block``), B the test points per
+# prediction task (``predict_block``), C the outputs (classes).
+ARRAYS = (
+    ArrayDoc(
+        f"`{X_TRAIN}`, `{X_TEST}`",
+        "(N, D), (M, D)",
+        "(T, D)",
+        "the inputs exactly as used (float64)",
+    ),
+    ArrayDoc(
+        f"`{Y_TRAIN}`, `{Y_TEST}`", "(N,), (M,)", "(T,)", "labels (int64), or float targets (N, C)"
+    ),
+    ArrayDoc(
+        f"`{K_TRAIN_TRAIN}`",
+        "(N, N)",
+        "(T, T)",
+        "the kernel; only tiles with row tile <= column tile are written, the others stay NaN",
+    ),
+    ArrayDoc(f"`{K_TEST_TRAIN}`", "(M, N)", "(T, T)", "test x train kernel"),
+    ArrayDoc(f"`{K_TRAIN_DIAG}`, `{K_TEST_DIAG}`", "(N,), (M,)", "(T,)", "k(x, x)"),
+    ArrayDoc(
+        f"`{RECORDS}/<array>`",
+        "the tile grid",
+        "one per tile",
+        "completion record: NaN until the tile is completely written, then the seconds it took",
+    ),
+    ArrayDoc(
+        f"`{CHOL}`",
+        "(N, N)",
+        "(S, S)",
+        "upper Cholesky factor U of K + s I (K + s I = U^T U); upper blocks only",
+    ),
+    ArrayDoc(
+        f"`{RECORDS}/{CHOL}`, `{RECORDS}/{CHOL_STEP}`",
+        "(N / S, N / S)",
+        "one per block",
+        "factor block done (seconds); updates applied to a block so far",
+    ),
+    ArrayDoc(
+        f"`{CHOL_WORK[0]}`, `{CHOL_WORK[1]}`",
+        "(N, N)",
+        "(S, S)",
+        "scratch: the factorisation's updated blocks; deleted when it completes",
+    ),
+    ArrayDoc(
+        f"`{CG_NYSTROM}`, `{CG_BLOCKJACOBI}`",
+        "(N, min(S, N))",
+        "(S, min(S, N))",
+        "scratch of a `--method cg` solve: its preconditioner's columns or block factors",
+    ),
+    ArrayDoc(
+        f"`{T_TRAIN}`",
+        "(N, C)",
+        "(S, C)",
+        "the regression targets used (one-hot 0.9 / -0.1 for labels)",
+    ),
+    ArrayDoc(f"`{ALPHA}`", "(N, C)", "(S, C)", "(K + s I)^-1 t_train"),
+    ArrayDoc(
+        f"`{MEAN}`, `{VARIANCE}`",
+        "(M, C), (M,)",
+        "(B, C), (B,)",
+        "posterior mean and variance (clamped at 0) of each test point",
+    ),
+    ArrayDoc(f"`{RECORDS}/{PREDICT}`", "(M / B,)", "1", "prediction block done (seconds)"),
+)
+
+
+def layout_table() -> str:
+    """:data:`ARRAYS` as the Markdown table the README shows."""
+    rows = ["| array | shape | chunks | contents |", "|---|---|---|---|"]
+    rows += [f"| {a.name} | {a.shape} | {a.chunks} | {a.contents} |" for a in ARRAYS]
+    return "\n".join(rows)
