@@ -32,6 +32,7 @@ import numpy as np
 
 from . import datasets, jobs
 from .errors import StoreMismatch, UserError
+from .layout import MEAN, VARIANCE
 from .storage import KernelStore
 
 __all__ = ["NNGPClassifier", "NNGPRegressor"]
@@ -164,8 +165,8 @@ class NNGPRegressor:
                     replace_test=True, progress=self.progress, **self._arch(),
                     **run)  # fmt: skip
         jobs.predict(self.store_, score=False, progress=self.progress, **run)
-        g = KernelStore.open(self.store_).group
-        return np.asarray(g["mean"][...]), np.asarray(g["variance"][...])
+        ks = KernelStore.open(self.store_)
+        return ks.read(MEAN), ks.read(VARIANCE)
 
     def predict(self, X: Any, return_std: bool = False) -> Any:
         """Posterior mean at ``X`` (and the latent standard deviation with ``return_std``)."""

@@ -106,7 +106,7 @@ def test_interrupted_test_replacement_is_never_resumed(tmp_path, data, client):
     assert r["action"] == "replace-test" and r["tiles_computed"] == 2  # the test tiles
     ks = KernelStore.open(store)
     assert ks.status()["stage"] == "kernel-done" and "replacing_test" not in ks.meta
-    np.testing.assert_allclose(ks.group["k_test_train"][...], Spec(**ARCH).cross(xs[10:30], x),
+    np.testing.assert_allclose(ks.read("k_test_train"), Spec(**ARCH).cross(xs[10:30], x),
                                rtol=1e-12)  # fmt: skip
 
 
