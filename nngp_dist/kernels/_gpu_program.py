@@ -20,7 +20,7 @@ import math
 import numba
 from numba import cuda
 
-from .fused import ADD, CONV, RELU
+from .opcodes import ADD, CONV, RELU
 
 THREADS = 128  # per block: a power of two (the tap's reduction halves it)
 MAX_ROWS = 65535  # a grid's y extent: rows of images per launch

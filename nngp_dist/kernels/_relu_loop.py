@@ -12,7 +12,7 @@ import math
 import numba
 import numpy as np
 
-from .fused import ADD, ARCSIN_COEFFICIENTS, CONV, RELU
+from .opcodes import ADD, ARCSIN_COEFFICIENTS, CONV, RELU
 
 # Horner's rule, highest degree first: P's top coefficient, then the rest as a tuple of
 # constants, over which Numba unrolls the loop.

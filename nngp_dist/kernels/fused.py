@@ -18,13 +18,7 @@ On GPUs the image nets' program runs as one numba.cuda kernel (:func:`conv_relu_
 on GPUs (where the Gram product dominates), pooled networks and every other nonlinearity; the
 tests hold the paths equal to 1e-12 and the reference to the Monte Carlo oracles.
 
-``arccos``: with ``a = |x|``, ``arcsin`` on ``[0, 1/2]`` is ``a + a z P(z)`` with ``z = a^2``,
-and on ``(1/2, 1]`` ``arccos(a) = 2 arcsin(sqrt(z))`` with ``z = (1 - a) / 2`` (exact in
-floating point there): one polynomial ``P`` on ``z`` in ``[0, 1/4]``, the argument reduction of
-Cephes' ``asin``. ``P`` is fitted here, at import, by least squares at Chebyshev nodes to the
-arcsine's Taylor series (positive terms, summed to 80 of them, so the values are exact to
-rounding); degree 12 holds ``P`` to 7e-16 relative, and arccos is within 4.5e-16 of NumPy's over
-``[-1, 1]`` (tests/test_kernels.py).
+The arccos polynomial and the opcodes live in :mod:`.opcodes`.
 """
 
 from __future__ import annotations
@@ -39,33 +33,10 @@ import numpy as np
 
 from .. import backend
 from .conv import ConvGeometry
+from .opcodes import ADD, CONV, RELU, TAP
 
 __all__ = ["ConvProgram", "applies", "conv_relu_cross", "conv_relu_cross_gpu", "dense_relu_cross",
            "warm"]  # fmt: skip
-
-_DEGREE = 12
-
-# The operations of a ConvProgram, as the compiled loop (_relu_loop) reads them.
-CONV, RELU, ADD, TAP = 0, 1, 2, 3
-
-
-def _arcsin_series(z: np.ndarray) -> np.ndarray:
-    """``(arcsin(sqrt z) - sqrt z) / z^(3/2)``: the arcsine's Taylor series past its first term."""
-    out = np.zeros_like(z)
-    for n in range(80, 0, -1):
-        out = out * z + math.comb(2 * n, n) / 4**n / (2 * n + 1)
-    return out
-
-
-def _fit() -> tuple[float, ...]:
-    nodes = 0.125 + 0.125 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)
-    poly = np.polynomial.Polynomial.fit(
-        nodes, _arcsin_series(nodes), _DEGREE, domain=[0.0, 0.25], window=[0.0, 0.25]
-    )
-    return tuple(float(c) for c in poly.coef)
-
-
-ARCSIN_COEFFICIENTS = _fit()
 
 
 def applies(spec: Any) -> bool:
