@@ -86,7 +86,7 @@ def test_resnet_gp_matches_a_wide_random_resnet():
     NNGP from wide networks (forward passes only); the NTK from narrower ones, whose Monte
     Carlo error through 10 layers is about 10%, so only to 20% (the NTK of residual, strided
     and projection layers is checked tightly in the cases above)."""
-    import nngp_dist.kernels.spec as spec_module
+    from nngp_dist.kernels import architectures
 
     rng = np.random.default_rng(8)
     shape = (8, 8, 1)
@@ -100,8 +100,8 @@ def test_resnet_gp_matches_a_wide_random_resnet():
     )
     for kind, mc, tol in (("nngp", nngp_mc, 0.05), ("ntk", ntk_mc, 0.2)):
         spec = Spec(arch="resnet32", image_shape=shape, kernel=kind)
-        layers = spec_module._resnet32_layers(1.0, 0.0, spec.activation, blocks_per_stage=1)
-        k = _evaluate(spec, layers, flat)
+        program = architectures.resnet32(1.0, 0.0, spec.activation, blocks_per_stage=1)
+        k = _evaluate(spec, program.layers, flat)
         np.testing.assert_allclose(k, mc, atol=tol * np.abs(mc).max(), rtol=tol)
 
 
@@ -112,7 +112,8 @@ def _evaluate(spec, layers, flat):
     state = state.replace(ntk=0.0 if spec.kernel == "ntk" else None)
     for layer in layers:
         state = layer(state)
-    return spec._out(spec._readout()(state))
+    state = spec.program.readout.layer()(state)
+    return state.ntk if spec.kernel == "ntk" else state.nngp
 
 
 def test_conv_equals_dense_when_the_filter_covers_the_image():
@@ -251,6 +252,50 @@ def test_resnet32_preset_shape_and_symmetry():
     np.testing.assert_allclose(k, k.T, rtol=1e-12)
     np.testing.assert_allclose(np.diag(k), spec.diag(x), rtol=1e-12)
     assert np.linalg.eigvalsh(k).min() > 0
+
+
+def test_one_program_per_spec_which_every_path_reads():
+    """A spec's network is built once, as a program (kernels.program): the layers, the
+    compiled loops' lowering and the cost model all come from it; it is not shipped with the
+    spec to workers."""
+    import cloudpickle
+
+    from nngp_dist.kernels.lowering import ConvProgram
+    from nngp_dist.kernels.program import Residual
+
+    spec = Spec(arch="resnet32", image_shape=(8, 8, 1))
+    program = spec.program
+    assert spec.program is program and spec.layers() == list(program.layers)
+    blocks = [op for op in program.ops if isinstance(op, Residual)]
+    assert len(blocks) == 15 and sum(op.shortcut is not None for op in blocks) == 3
+    lowered = ConvProgram.of(program, {spec.depth: 0})
+    assert len(lowered.ops) == 1 + 15 * 5 + 3 + 1 + 1  # + projections, last phi, the tap
+    assert spec.map_entries_per_pair() == program.map_entries()
+    clone = cloudpickle.loads(cloudpickle.dumps(spec))
+    assert clone == spec and "program" not in clone.__dict__
+
+
+@pytest.mark.parametrize(
+    "kw, entries, tile",
+    [
+        ({"depth": 3}, 7, None),
+        ({"arch": "conv", "depth": 8, "image_shape": (28, 28, 1)}, 12544, 408),
+        ({"arch": "resnet32", "image_shape": (28, 28, 1)}, 22148, 304),
+        ({"arch": "resnet32", "image_shape": (32, 32, 3)}, 28928, 272),
+        ({"arch": "conv", "depth": 2, "readout": "gap", "image_shape": (28, 28, 1)}, 2458624, 24),
+        ({"arch": "conv", "depth": 3, "skip_every": 2, "stride": 2, "filter_size": 2,
+          "padding": "valid", "image_shape": (13, 12, 2)}, 92, 2048),
+    ],
+)  # fmt: skip
+def test_cost_model_is_unchanged(kw, entries, tile):
+    """The cost model sets an image store's default tile size, part of the store's identity:
+    pinned to the values of the formula the program's cost model replaced."""
+    from nngp_dist.tiling import image_tile_size
+
+    spec = Spec(**kw)
+    assert spec.map_entries_per_pair() == entries
+    if tile is not None:
+        assert image_tile_size(spec, 2048) == tile
 
 
 @pytest.mark.parametrize(
@@ -444,9 +489,11 @@ for kw, kind, taps in nets:
     taps = taps or {spec.depth: 0}  # residual nets: at full depth only
     for a, b, sym in ((x1, x2, False), (x1, x1, True)):
         want = np.empty((len(taps), len(a), len(b)))
-        fused.conv_relu_cross(spec, a, b, taps, want, symmetric=sym)
+        ntk = spec.kernel == "ntk"
+        fused.conv_relu_cross(spec.program, a, b, taps, want, ntk=ntk, symmetric=sym)
         got = np.full_like(want, np.nan)
-        assert fused.conv_relu_cross_gpu(spec, a, b, taps, got, symmetric=sym, threads=8)
+        assert fused.conv_relu_cross_gpu(spec.program, a, b, taps, got, ntk=ntk, symmetric=sym,
+                                         threads=8)
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15, err_msg=f"{kw} {kind}")
 print("ok")
 """

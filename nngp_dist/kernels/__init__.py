@@ -1,4 +1,9 @@
-"""Infinite-width kernels: layers as state-to-state functions, nonlinearities, specs."""
+"""Infinite-width kernels: layers as state-to-state functions, nonlinearities, specs.
+
+A spec's network is one program (:mod:`.program`), written per architecture in
+:mod:`.architectures`; the layer-by-layer path runs it, and :mod:`.fused` lowers it to the
+compiled loops.
+"""
 
 from .layers import dense, diagonal_state, input_state, serial
 from .nonlinearities import (

@@ -12,7 +12,7 @@ import math
 import numba
 import numpy as np
 
-from .fused import ADD, ARCSIN_COEFFICIENTS, CONV, RELU
+from .opcodes import ADD, ARCSIN_COEFFICIENTS, CONV, RELU
 
 # Horner's rule, highest degree first: P's top coefficient, then the rest as a tuple of
 # constants, over which Numba unrolls the loop.
@@ -38,7 +38,7 @@ def _arccos(x: float) -> float:
 
 
 @numba.njit(inline="always")
-def _relu(k12, q1, q2, i1, i2, alpha, c):  # noqa: ANN001, ANN202
+def _relu(k12, q1, q2, i1, i2, alpha, c):
     """``(F, Fdot)`` of (leaky) ReLU for covariance ``k12`` of inputs of variances ``q1``, ``q2``
     (``i1``, ``i2``: their inverse square roots, inf for zero), as in
     :func:`.nonlinearities.leaky_relu`: ``F = alpha k12 + c (s + (pi - t) k12) / (2 pi)``,
@@ -72,7 +72,7 @@ def arccos(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(inline="always")
-def _mirror_upper(a):  # noqa: ANN001, ANN202
+def _mirror_upper(a):
     """Copy the upper triangle of the square ``a`` onto its lower one, in cache-sized blocks."""
     n, blk = a.shape[0], 64
     for r0 in range(0, n, blk):
@@ -83,7 +83,7 @@ def _mirror_upper(a):  # noqa: ANN001, ANN202
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, symmetric, out):  # noqa: ANN001, PLR0913
+def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, symmetric, out):
     """Dense layer, then ``depth`` x (leaky ReLU, dense layer), for every entry of ``gram``.
 
     Same recursion as :func:`.layers.dense` and :func:`.nonlinearities.leaky_relu` (ReLU is
@@ -134,11 +134,17 @@ def relu_rows(gram, var1, var2, w, b, alpha, depth, ntk, slots, symmetric, out):
 
 
 # The conv program's rows of ``ops``: code, a, b, dst, geometry, var, size, flag (built by
-# :class:`.fused.ConvProgram`); anything not CONV, RELU or ADD is a TAP.
+# :class:`.lowering.ConvProgram`); anything not CONV, RELU or ADD is a TAP.
 
 
 @numba.njit(inline="always")
-def _box(src, geo, pad, rowsum, scale, shift, dst):  # noqa: ANN001, PLR0913
+def _row(ops, op):
+    """Row ``op`` of a conv program: code, a, b, dst, geometry, var or tap slot, size."""
+    return ops[op, 0], ops[op, 1], ops[op, 2], ops[op, 3], ops[op, 4], ops[op, 5], ops[op, 6]
+
+
+@numba.njit(inline="always")
+def _box(src, geo, pad, rowsum, scale, shift, dst):
     """``dst = shift + scale * (sum over the k x k taps of src)``: one conv layer's patch sum
     on a flat map, with ``geo`` the layer's (H in, W in, H out, W out, zeros before along H,
     along W, filter size, stride, dilation). Through ``pad``, whose border is zero and stays
@@ -167,7 +173,7 @@ def _box(src, geo, pad, rowsum, scale, shift, dst):  # noqa: ANN001, PLR0913
 
 
 @numba.njit(inline="always")
-def _pixel_covariance(x1, i, x2, j, out):  # noqa: ANN001
+def _pixel_covariance(x1, i, x2, j, out):
     """``out[p] = <x1[i, p], x2[j, p]> / channels``: the same arithmetic for a pair and for an
     image with itself, so an image paired with itself starts exactly at its variance map."""
     channels = x1.shape[2]
@@ -179,7 +185,7 @@ def _pixel_covariance(x1, i, x2, j, out):  # noqa: ANN001
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):  # noqa: ANN001, PLR0913
+def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):
     """Each image's pre-activation variance map before each activation of the program, and
     its inverse square root (inf where it is zero), flat at ``offsets[var]``: the diagonal
     recursion, in which an activation maps a variance ``v`` to ``shrink v``."""
@@ -189,8 +195,7 @@ def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):
     for i in range(n):
         _pixel_covariance(x, i, x, i, maps[0])
         for op in range(ops.shape[0]):
-            code, a, bb, dst, g, v, size = (ops[op, 0], ops[op, 1], ops[op, 2], ops[op, 3],
-                                            ops[op, 4], ops[op, 5], ops[op, 6])  # fmt: skip
+            code, a, bb, dst, g, v, size = _row(ops, op)
             src, out = maps[a], maps[dst]
             if code == CONV:
                 k = geos[g, 6]
@@ -209,7 +214,7 @@ def _program_variances(x, ops, geos, offsets, w, b, shrink, pads, rowsum, maps):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, symmetric, pads, rowsum, out):  # noqa: ANN001, E501, PLR0913
+def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, symmetric, pads, rowsum, out):
     """The GP/NTK of a (leaky) ReLU ConvNet with a flattening dense readout, for every pair of
     images of ``x1`` (n1, pixels, channels) and ``x2``, running the network's program ``ops``.
 
@@ -241,8 +246,7 @@ def relu_program_pairs(x1, x2, ops, geos, offsets, w, b, alpha, ntk, symmetric, 
             if ntk:  # the inputs' NTK (map 0 may have held another value in the last pair)
                 tmaps[0, :] = 0.0
             for op in range(ops.shape[0]):
-                code, a, bb, dst, g, v, size = (ops[op, 0], ops[op, 1], ops[op, 2], ops[op, 3],
-                                                ops[op, 4], ops[op, 5], ops[op, 6])  # fmt: skip
+                code, a, bb, dst, g, v, size = _row(ops, op)
                 ksrc, kout, tsrc, tout = kmaps[a], kmaps[dst], tmaps[a], tmaps[dst]
                 if code == CONV:
                     k = geos[g, 6]

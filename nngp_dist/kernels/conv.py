@@ -3,7 +3,8 @@
 Images are (n, H, W, C). Because the weights of different filter taps are independent, a conv
 layer's pre-activations at output pixel g depend on the inputs only through the covariances of
 the pixels in g's patch, and with a flattening dense readout only the covariance between
-*corresponding* pixels of two images is ever needed (SCIENCE.md section 2)::
+*corresponding* pixels of two images is ever needed (docs/science.md, Convolutional and
+residual networks)::
 
     v_g(X, X') = b_var + w_var * mean_{o in taps} s_{g*stride + o*dilation}(X, X')
 
@@ -252,8 +253,9 @@ def _images(xp: Any, x: Any, image_shape: tuple[int, int, int]) -> Any:
     return x.reshape((x.shape[0], *image_shape))
 
 
-def conv_input_state(x1: Any, x2: Any, image_shape: tuple[int, int, int], *,
-                     full: bool = False) -> KernelState:  # fmt: skip
+def conv_input_state(
+    x1: Any, x2: Any, image_shape: tuple[int, int, int], *, full: bool = False
+) -> KernelState:
     """The inputs' per-pixel covariances ``<x_h, x'_h'> / C`` (rows of x are flattened images)."""
     xp = backend.namespace(x1, x2)
     a, b = _images(xp, x1, image_shape), _images(xp, x2, image_shape)
@@ -261,14 +263,16 @@ def conv_input_state(x1: Any, x2: Any, image_shape: tuple[int, int, int], *,
     v1, v2 = (a * a).sum(-1) / c, (b * b).sum(-1) / c
     if full:
         nngp = xp.einsum("ahwc,bijc->abhwij", a, b) / c
-        return KernelState(nngp, v1[:, None, :, :, None, None], v2[None, :, None, None],
-                           pixels="full")  # fmt: skip
+        return KernelState(
+            nngp, v1[:, None, :, :, None, None], v2[None, :, None, None], pixels="full"
+        )
     nngp = xp.einsum("ahwc,bhwc->abhw", a, b) / c
     return KernelState(nngp, v1[:, None], v2[None], pixels="same")
 
 
-def conv_diagonal_state(x: Any, image_shape: tuple[int, int, int], *,
-                        full: bool = False) -> KernelState:  # fmt: skip
+def conv_diagonal_state(
+    x: Any, image_shape: tuple[int, int, int], *, full: bool = False
+) -> KernelState:
     """The state whose recursion gives k(x, x) for each image (see the module docstring)."""
     xp = backend.namespace(x)
     a = _images(xp, x, image_shape)

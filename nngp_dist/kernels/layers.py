@@ -1,9 +1,10 @@
 """Layers as functions from :class:`KernelState` to :class:`KernelState`.
 
 A network's kernel is ``for layer in layers: state = layer(state)`` starting from
-:func:`input_state`. Parameterisation (SCIENCE.md section 1): weights ``N(0, w_var / fan_in)``,
-biases ``N(0, b_var)``; the NTK is that of the NTK parameterisation (Jacot et al. 2018), whose
-NNGP is the same.
+:func:`input_state`. Parameterisation (docs/science.md, Fully connected networks): weights
+``N(0, w_var / fan_in)``, biases ``N(0, b_var)``; the NTK is that of the NTK parameterisation
+(Jacot et al. 2018), whose NNGP is the same. A spec's layers come from its program
+(:mod:`.program`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Each nonlinearity maps the covariance of pre-activations ``(k12, k11, k22)`` to
 * ``F(k12, k11, k22) = E[phi(u) phi(v)]`` and
 * ``Fdot(k12, k11, k22) = E[phi'(u) phi'(v)]`` (needed only for the NTK),
 
-with ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])`` (SCIENCE.md section 1). A :class:`Nonlinearity`
-is itself a layer: calling it on a :class:`KernelState` applies the map.
+with ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])`` (docs/science.md, Fully connected networks).
+A :class:`Nonlinearity` is itself a layer: calling it on a :class:`KernelState` applies the
+map.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ if (alpha != 0.0) fdot = fdot * c + alpha;
 def _relu_cuda(need_dot: bool) -> Any:
     """The fused CuPy kernel of the ReLU family: inputs broadcast like NumPy's, outputs new
     float64 arrays. Compiled by CuPy on first use (and cached on disk by CuPy)."""
-    import cupy  # noqa: PLC0415
+    import cupy
 
     out = "float64 f, float64 fdot" if need_dot else "float64 f"
     return cupy.ElementwiseKernel(

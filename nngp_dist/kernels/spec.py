@@ -8,49 +8,43 @@ stable across processes and machines.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 from .. import backend
-from . import fused, nonlinearities
-from .conv import (
-    ConvGeometry,
-    conv,
-    conv_diagonal_state,
-    conv_input_state,
-    flatten_readout,
-    gap_readout,
-    pixels_per_pair,
-    residual,
-)
-from .layers import Layer, dense, diagonal_state, input_state, serial
+from . import architectures, fused, nonlinearities
+from .conv import ConvGeometry, conv_diagonal_state, conv_input_state, pixels_per_pair
+from .layers import Layer, diagonal_state, input_state
+from .program import Program
 from .state import KernelState
 
 __all__ = ["ARCHITECTURES", "KERNELS", "READOUTS", "Spec"]
 
-ARCHITECTURES = ("fc", "conv", "resnet32")
+ARCHITECTURES = tuple(architectures.BUILDERS)  # ("fc", "conv", "resnet32")
 KERNELS = ("nngp", "ntk")
 READOUTS = ("flatten", "gap")
 
 # Rows of a cross block processed together by the elementwise recursion: about 64k entries,
-# so the several temporaries of one layer stay in the CPU's L2 cache (measured: 41 ns/entry for
-# the ReLU step blocked, 55 ns unblocked, on the 2-core EPYC dev machine).
+# so the several temporaries of one layer stay in the CPU's L2 cache (faster than unblocked:
+# benchmarks/RESULTS.md).
 BLOCK_ENTRIES = 1 << 16
 # Image networks: map entries (pairs x pixels) per block. Each layer streams through its
 # temporaries (k shifted adds per axis), so blocks are larger than a cache: 8 MB per temporary
 # on CPUs, 512 MB on GPUs.
 CONV_BLOCK_ENTRIES = {"numpy": 1 << 20, "cupy": 1 << 26}
 
-_CONV_KEYS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout",
-              "image_shape")  # fmt: skip
-
-
-class _Program(NamedTuple):
-    layers: list[Layer]
-    readout: Layer | None
-    taps: dict[int, int]
+_CONV_KEYS = (
+    "filter_size",
+    "stride",
+    "dilation",
+    "padding",
+    "skip_every",
+    "readout",
+    "image_shape",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +61,10 @@ class Spec:
     pre-activation residual connection around every S (activation, conv) pairs after the first
     conv; then ``readout`` "flatten" (dense layer on the flattened features) or "gap" (global
     average pooling, then a dense layer). ``arch="resnet32"``: the ResNet GP of Garriga-Alonso
-    et al. (SCIENCE.md section 2; ``depth`` and the conv options do not apply). Image networks
-    need ``image_shape`` (H, W, C); rows of the inputs are flattened images.
+    et al. (docs/science.md, Convolutional and residual networks; ``depth`` and the conv
+    options do not apply). Image networks need ``image_shape`` (H, W, C); rows of the inputs
+    are flattened images. Each architecture's layers are written once, in
+    :mod:`.architectures`, as the program (:attr:`program`) every evaluation path reads.
 
     Examples
     --------
@@ -203,40 +199,25 @@ class Spec:
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def layers(self) -> list[Layer]:
-        """The layers up to the readout; :meth:`_readout` finishes image networks.
+    @functools.cached_property
+    def program(self) -> Program:
+        """The network as one program (:mod:`.program`), built once by its architecture's
+        builder (:mod:`.architectures`); every evaluation path, and the cost model, read it."""
+        return architectures.build(self)
 
-        fc: ``[dense, phi] * depth + [dense]`` (the kernel at depth l follows layer ``2 l``).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("program", None)  # derived: rebuilt where it is used, not shipped
+        return state
+
+    def layers(self) -> list[Layer]:
+        """The layers up to the readout (each op of :attr:`program` as its layer function).
+
+        fc: ``[dense, phi] * depth + [dense]`` (the kernel at depth l follows layer ``2 l + 1``).
         conv: ``[conv, phi] * depth`` (the kernel at depth l is the readout of layer ``2 l``),
         with residual blocks when ``skip_every`` > 0.
         """
-        w, b, phi = self.weight_var, self.bias_var, self.activation
-        if self.arch == "fc":
-            d = dense(w, b)
-            return [d, phi] * self.depth + [d]
-        if self.arch == "resnet32":
-            return _resnet32_layers(w, b, phi)
-        c = conv(w, b, ConvGeometry(self.filter_size, self.stride, self.dilation, self.padding))
-        if not self.skip_every or self.depth < 2:
-            return [c, phi] * self.depth
-        out: list[Layer] = [c]
-        pairs = self.depth - 1
-        s = self.skip_every
-        for start in range(0, pairs, s):
-            n = min(s, pairs - start)
-            block = serial(*([phi, c] * n))
-            out.append(residual(block) if n == s else block)
-        return out + [phi]
-
-    def _readout(self) -> Layer | None:
-        if not self.is_image:
-            return None
-        if self.readout == "gap":
-            return gap_readout(self.weight_var, self.bias_var)
-        return flatten_readout(self.weight_var, self.bias_var)
-
-    def _out(self, state: KernelState) -> Any:
-        return state.ntk if self.kernel == "ntk" else state.nngp
+        return list(self.program.layers)
 
     def cross(self, x1: Any, x2: Any, *, depths: list[int] | None = None) -> Any:
         """The kernel between the rows of ``x1`` (n1, d) and ``x2`` (n2, d).
@@ -255,22 +236,24 @@ class Spec:
         if not self.is_image:
             return self.cross_from(input_state(x1, x2), depths=depths)
         shape = self._checked_image_shape(x1.shape[1])
-        full = self.readout == "gap"
-        program = self._program(depths)
+        program = self.program
+        slots = program.slots(depths)
         n1, n2 = len(x1), len(x2)
-        out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
+        out = xp.empty((len(slots), n1, n2), dtype=xp.float64)
         if fused.applies(self):  # the compiled program: a CPU loop, or a GPU kernel if it fits
             run = fused.conv_relu_cross if xp.__name__ == "numpy" else fused.conv_relu_cross_gpu
-            if run(self, x1, x2, self._slots_by_depth(depths), out, symmetric=same):
-                return out if depths is not None else out[0]
+            if run(program, x1, x2, slots, out, ntk=self._ntk, symmetric=same):
+                return _result(out, depths)
+        full = program.pixels == "full"
         pairs = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         cols = max(1, min(n2, pairs))
         rows = max(1, pairs // cols)
         for r0 in range(0, n1, rows):
             for c0 in range(0, n2, cols):
                 state = conv_input_state(x1[r0 : r0 + rows], x2[c0 : c0 + cols], shape, full=full)
-                self._run(state, program, out[:, r0 : r0 + rows, c0 : c0 + cols])
-        return out if depths is not None else out[0]
+                block = out[:, r0 : r0 + rows, c0 : c0 + cols]
+                program.evaluate(state, slots, block, ntk=self._ntk)
+        return _result(out, depths)
 
     def cross_from(self, inputs: KernelState, *, depths: list[int] | None = None) -> Any:
         """:meth:`cross` from the inputs' covariance (:func:`~.layers.input_state`).
@@ -282,100 +265,64 @@ class Spec:
         if self.is_image:
             raise ValueError("cross_from is for fully connected networks; use cross")
         xp = backend.namespace(inputs.nngp)
-        program = self._program(depths)
+        slots = self.program.slots(depths)
         n1, n2 = inputs.nngp.shape
-        out = xp.empty((len(program.taps), n1, n2), dtype=xp.float64)
+        out = xp.empty((len(slots), n1, n2), dtype=xp.float64)
         if xp.__name__ == "numpy" and fused.applies(self):
-            fused.dense_relu_cross(self, inputs.nngp, inputs.var1, inputs.var2,
-                                   self._slots_by_depth(depths), out,
-                                   symmetric=inputs.symmetric)  # fmt: skip
-            return out if depths is not None else out[0]
-        return self._cross_layers(inputs, program, out, depths)
+            fused.dense_relu_cross(
+                self.program,
+                inputs.nngp,
+                inputs.var1,
+                inputs.var2,
+                slots,
+                out,
+                ntk=self._ntk,
+                symmetric=inputs.symmetric,
+            )
+            return _result(out, depths)
+        return self._cross_layers(inputs, slots, out, depths)
 
-    def _cross_layers(self, inputs: KernelState, program: _Program, out: Any,
-                      depths: list[int] | None) -> Any:  # fmt: skip
+    def _cross_layers(
+        self, inputs: KernelState, slots: dict[int, int], out: Any, depths: list[int] | None
+    ) -> Any:
         """:meth:`cross_from` layer by layer: the reference, and the path for CuPy arrays."""
         xp = backend.namespace(inputs.nngp)
         n1, n2 = inputs.nngp.shape
         rows = max(1, BLOCK_ENTRIES // max(n2, 1)) if xp.__name__ == "numpy" else max(n1, 1)
         for r0 in range(0, n1, rows):
-            self._run(inputs.rows(r0, r0 + rows), program, out[:, r0 : r0 + rows])
-        return out if depths is not None else out[0]
+            block = out[:, r0 : r0 + rows]
+            self.program.evaluate(inputs.rows(r0, r0 + rows), slots, block, ntk=self._ntk)
+        return _result(out, depths)
 
     def diag(self, x: Any, *, depths: list[int] | None = None) -> Any:
         """``k(x, x)`` for each row of ``x``: shape (n,), or (len(depths), n) with ``depths``."""
         xp = backend.namespace(x)
         x = _as_2d(xp, x)
-        program = self._program(depths)
-        out = xp.empty((len(program.taps), x.shape[0]), dtype=xp.float64)
+        program = self.program
+        slots = program.slots(depths)
+        out = xp.empty((len(slots), x.shape[0]), dtype=xp.float64)
         if not self.is_image:
-            self._run(diagonal_state(x), program, out)
-            return out if depths is not None else out[0]
+            program.evaluate(diagonal_state(x), slots, out, ntk=self._ntk)
+            return _result(out, depths)
         shape = self._checked_image_shape(x.shape[1])
-        full = self.readout == "gap"
+        full = program.pixels == "full"
         per = max(1, CONV_BLOCK_ENTRIES[xp.__name__] // pixels_per_pair(shape, full))
         for r0 in range(0, len(x), per):
             state = conv_diagonal_state(x[r0 : r0 + per], shape, full=full)
-            self._run(state, program, out[:, r0 : r0 + per])
-        return out if depths is not None else out[0]
+            program.evaluate(state, slots, out[:, r0 : r0 + per], ntk=self._ntk)
+        return _result(out, depths)
 
-    def _run(self, state: KernelState, program: _Program, out: Any) -> None:
-        """Apply the layers to ``state``, writing the kernel at each tap into ``out[slot]``."""
-        state = state.replace(ntk=0.0 if self.kernel == "ntk" else None)
-        readout, taps = program.readout, program.taps
-
-        def emit(st: KernelState, slot: int) -> None:
-            out[slot] = self._out(readout(st) if readout is not None else st)
-
-        if 0 in taps:
-            emit(state, taps[0])
-        for i, layer in enumerate(program.layers, 1):
-            state = layer(state)
-            if i in taps:
-                emit(state, taps[i])
-
-    def _program(self, depths: list[int] | None) -> _Program:
-        """The layers, the readout and the taps, built once per evaluation (not per block)."""
-        layers = self.layers()
-        return _Program(layers, self._readout(), self._taps(depths, len(layers)))
-
-    def _taps(self, depths: list[int] | None, n_layers: int) -> dict[int, int]:
-        """Layer counts after which each requested depth's kernel is read -> output slot."""
-        depths = [self.depth] if depths is None else list(depths)
-        if self.arch == "resnet32" or (self.is_image and self.skip_every):
-            if depths != [self.depth]:
-                raise ValueError("residual networks give their kernel at full depth only")
-            return {n_layers: 0}
-        bad = [d for d in depths if not 0 <= d <= self.depth]
-        if bad or len(set(depths)) != len(depths):
-            raise ValueError(f"depths must be distinct and in 0..{self.depth}, got {depths}")
-        offset = 0 if self.is_image else 1
-        return {2 * d + offset: k for k, d in enumerate(depths)}
-
-    def _slots_by_depth(self, depths: list[int] | None) -> dict[int, int]:
-        """Depth -> output slot, for the compiled loops (``depths`` checked by :meth:`_taps`)."""
-        return {d: k for k, d in enumerate([self.depth] if depths is None else depths)}
+    @property
+    def _ntk(self) -> bool:
+        return self.kernel == "ntk"
 
     def map_entries_per_pair(self) -> int:
         """Map entries one pair of inputs passes through, summed over the layers: what the
-        time of an image network's kernel entry scales with (1 per layer for dense nets)."""
-        if not self.is_image:
-            return 2 * self.depth + 1
-        if self.image_shape is None:
+        time of an image network's kernel entry scales with (1 per layer for dense nets);
+        :meth:`.program.Program.map_entries`."""
+        if self.is_image and self.image_shape is None:
             raise ValueError(f"{self.arch} networks need image_shape (H, W, C)")
-        h, w, _ = self.image_shape
-        full = self.readout == "gap"
-        geometry = ConvGeometry(self.filter_size, self.stride, self.dilation, self.padding)
-        plan = [geometry] * self.depth
-        if self.arch == "resnet32":
-            plan = [ConvGeometry(3)]
-            for stride in (1, 2, 2):
-                plan += [ConvGeometry(3, stride=stride)] + [ConvGeometry(3)] * 9
-        total = 0
-        for g in plan:
-            h, w = g.axis(h)[0], g.axis(w)[0]
-            total += 2 * (h * w) ** (2 if full else 1)  # the conv and the nonlinearity
-        return max(total, 1)
+        return self.program.map_entries()
 
     def _checked_image_shape(self, features: int) -> tuple[int, int, int]:
         if self.image_shape is None:
@@ -387,20 +334,9 @@ class Spec:
         return self.image_shape
 
 
-def _resnet32_layers(w: float, b: float, phi: Layer, blocks_per_stage: int = 5) -> list[Layer]:
-    """Garriga-Alonso et al.'s ResNet GP: a 3x3 conv, then 3 stages of 5 pre-activation blocks
-    (phi, 3x3 conv, phi, 3x3 conv; strides 1, 2, 2 on each stage's first conv, whose block has
-    a 1x1 projection shortcut of the same stride on the block's input), then phi (the dense
-    readout follows). 31 conv layers + the readout = 32."""
-    c3 = conv(w, b, ConvGeometry(3))
-    layers: list[Layer] = [c3]
-    for stride in (1, 2, 2):
-        for blk in range(blocks_per_stage):
-            s = stride if blk == 0 else 1
-            block = serial(phi, conv(w, b, ConvGeometry(3, stride=s)), phi, c3)
-            shortcut = conv(w, b, ConvGeometry(1, stride=s)) if blk == 0 else None
-            layers.append(residual(block, shortcut))
-    return layers + [phi]
+def _result(out: Any, depths: list[int] | None) -> Any:
+    """``out`` for a list of depths, else its one slot."""
+    return out if depths is not None else out[0]
 
 
 def _as_2d(xp: Any, x: Any) -> Any:

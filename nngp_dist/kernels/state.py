@@ -14,9 +14,9 @@ class KernelState:
 
     For a cross block of ``n1`` x ``n2`` pairs, ``nngp`` and ``ntk`` have shape (n1, n2), ``var1``
     has shape (n1, 1) and ``var2`` shape (1, n2): the per-input variances that every
-    nonlinearity needs beside the covariance (SCIENCE.md section 1). For a *diagonal* state
-    (``diagonal=True``) all four are 1-D of shape (n,) and ``nngp`` equals ``var1`` and ``var2``:
-    the same layer code then computes k(x, x) for each input.
+    nonlinearity needs beside the covariance (docs/science.md, Fully connected networks). For a
+    *diagonal* state (``diagonal=True``) all four are 1-D of shape (n,) and ``nngp`` equals
+    ``var1`` and ``var2``: the same layer code then computes k(x, x) for each input.
 
     ``ntk`` is None when only the NNGP is wanted, and may be the scalar 0.0 (the inputs' NTK).
     ``symmetric`` marks a cross block of one set of inputs with itself (its ``nngp`` is
