@@ -14,11 +14,27 @@ from pathlib import Path
 import dask.config
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "kubernetes" / "daskcluster.yaml"
 SLURM = ROOT / "deploy" / "slurm" / "run_slurm.py"
+REQUIREMENTS = ROOT / "deploy" / "requirements.py"
+
+
+def load_script(path):
+    """Import one of deploy/'s scripts as a module, leaving no __pycache__ in deploy/."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    old, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = old
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +93,17 @@ def test_compose_images(compose):
     assert re.search(r"^FROM python:3\.11-slim AS runtime$", cpu, re.M)
     assert re.search(r"^FROM runtime AS jupyter$", cpu, re.M)
     assert services["jupyter"]["build"]["target"] == "jupyter"
-    assert re.search(r"^RUN pip install \. ", cpu, re.M)
     assert re.search(r"^FROM nvidia/cuda:12\.[\d.]+-runtime-", cuda, re.M)
-    assert 'pip install ".[gpu]"' in cuda
+    for text, extras in ((cpu, ""), (cuda, " gpu")):
+        # The dependencies, pinned, in a layer before the code: requirements from pyproject.toml
+        # (with the gpu extra's in the GPU image), installed with the constraints ...
+        deps = text.index(f"python requirements.py{extras} > requirements.txt")
+        assert re.search(r"pip install -r requirements\.txt -c constraints\.txt", text[deps:])
+        assert text.index("COPY pyproject.toml deploy/constraints.txt deploy/requirements.py")
+        # ... then the code, installed without touching them, and pip check.
+        code = text.index("COPY nngp_dist ")
+        assert deps < code < text.index("RUN pip install --no-deps . && pip check")
+    assert "RUN pip install -c /opt/nngp_dist/constraints.txt jupyterlab" in cpu
     # The files the images install from are in the repository, and in the build context.
     context = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in context  # everything else stays out (stores, .git)
@@ -88,6 +112,36 @@ def test_compose_images(compose):
             for path in src.split():
                 assert (ROOT / path).exists(), path
                 assert f"!{path}" in context, path
+
+
+def constraints():
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_constraints_pin_what_both_images_install():
+    """deploy/constraints.txt pins every requirement of the package and its gpu extra within
+    pyproject.toml's ranges, one dask for both images (the one dask-cuda's pin allows), and the
+    CUDA release of the GPU image's base. (`deploy/validate.py pins` resolves it for real.)"""
+    pins = constraints()
+    for line in load_script(REQUIREMENTS).requirements(ROOT / "pyproject.toml", ["gpu"]):
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} is not pinned"
+        assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
+    assert pins["dask"] == pins["distributed"]
+    # dask-cuda's own pin of dask (rapids-dask-dependency, of dask-cuda's release) is met.
+    assert pins["rapids-dask-dependency"].release[:2] == pins["dask-cuda"].release[:2]
+    # The base image's CUDA is the CUDA of the pinned runtime wheels.
+    cuda = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+    (tag,) = re.findall(r"^FROM nvidia/cuda:(\d+\.\d+)\.\d+-runtime-", cuda, re.M)
+    for name in ("cuda-toolkit", "nvidia-cuda-runtime-cu12", "cuda-bindings"):
+        assert "{}.{}".format(*pins[name].release) == tag, name
 
 
 def published_ports(service):
