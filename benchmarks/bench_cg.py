@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nngp_dist import KernelStore, jobs
 from nngp_dist.cluster import connect
 from nngp_dist.predict import targets

@@ -9,9 +9,8 @@ reinstall the dependencies.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 
 def requirements(pyproject: Path, extras: list[str]) -> list[str]:

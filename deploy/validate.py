@@ -63,8 +63,9 @@ class Missing(Exception):
 
 def tool(name: str) -> str:
     """The path of ``name`` on PATH or next to this Python (a venv's bin), or Missing."""
-    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                     os.environ.get("PATH", "")]))  # fmt: skip
+    found = shutil.which(
+        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if found is None:
         raise Missing(f"{name} is not installed (see .ci/run for the wheel that ships it)")
     return found
@@ -107,8 +108,19 @@ def crd_documents() -> list[dict]:
         name = DASK_KUBERNETES.replace("-", "_").replace("==", "-")
         wheels = sorted(cache.glob(f"{name}-*.whl"))
         if not wheels:
-            out = run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                       "--dest", str(cache), DASK_KUBERNETES])  # fmt: skip
+            out = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--dest",
+                    str(cache),
+                    DASK_KUBERNETES,
+                ]
+            )
             wheels = sorted(cache.glob(f"{name}-*.whl"))
             if out.returncode != 0 or not wheels:
                 raise Missing(f"could not download {DASK_KUBERNETES}: {out.stderr.strip()}")
@@ -157,10 +169,13 @@ def check_kubernetes(manifests: list[Path]) -> list[str]:
             schema.setdefault("properties", {}).update(
                 apiVersion={"type": "string"},
                 kind={"type": "string"},
-                metadata={"type": "object", "required": ["name"],
-                          "properties": {"name": {"type": "string"}},
-                          "x-kubernetes-preserve-unknown-fields": True},
-            )  # fmt: skip
+                metadata={
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                    "x-kubernetes-preserve-unknown-fields": True,
+                },
+            )
             schemas[(f"{group}/{version['name']}", kind)] = strict(schema)
     errors = []
     for path in manifests:
@@ -179,8 +194,9 @@ def check_kubernetes(manifests: list[Path]) -> list[str]:
             schema = schemas.get((doc["apiVersion"], doc["kind"]))
             if schema is None:
                 if doc["apiVersion"].startswith("kubernetes.dask.org/"):
-                    errors.append(f"{where}: the operator has no {doc['kind']} in "
-                                  f"{doc['apiVersion']}")  # fmt: skip
+                    errors.append(
+                        f"{where}: the operator has no {doc['kind']} in {doc['apiVersion']}"
+                    )
                 continue
             validator = jsonschema.Draft7Validator(schema)
             for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
@@ -193,11 +209,17 @@ def check_kubernetes(manifests: list[Path]) -> list[str]:
 
 
 def check_pins(constraints: Path) -> list[str]:
-    if (sys.implementation.name, sys.version_info[:2], platform.system(),
-            platform.machine()) != ("cpython", (3, 11), "Linux", "x86_64"):  # fmt: skip
-        raise Missing("the pins are for CPython 3.11 on Linux x86_64, the images' platform; "
-                      f"this is {platform.python_implementation()} {platform.python_version()} "
-                      f"on {platform.system()} {platform.machine()}")  # fmt: skip
+    if (sys.implementation.name, sys.version_info[:2], platform.system(), platform.machine()) != (
+        "cpython",
+        (3, 11),
+        "Linux",
+        "x86_64",
+    ):
+        raise Missing(
+            "the pins are for CPython 3.11 on Linux x86_64, the images' platform; "
+            f"this is {platform.python_implementation()} {platform.python_version()} "
+            f"on {platform.system()} {platform.machine()}"
+        )
     spec = importlib.util.spec_from_file_location("requirements", ROOT / "deploy/requirements.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -212,13 +234,29 @@ def check_pins(constraints: Path) -> list[str]:
         reqs = module.requirements(ROOT / "pyproject.toml", extras) + more
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.json"
-            out = run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
-                       "--ignore-installed", "--report", str(report), "-c", str(constraints),
-                       *reqs])  # fmt: skip
+            out = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--dry-run",
+                    "--quiet",
+                    "--ignore-installed",
+                    "--report",
+                    str(report),
+                    "-c",
+                    str(constraints),
+                    *reqs,
+                ]
+            )
             if out.returncode != 0:
                 text = out.stderr.strip()
-                if re.search(r"No matching distribution|Could not fetch|NewConnectionError"
-                             r"|Network is unreachable|Temporary failure", text):  # fmt: skip
+                if re.search(
+                    r"No matching distribution|Could not fetch|NewConnectionError"
+                    r"|Network is unreachable|Temporary failure",
+                    text,
+                ):
                     raise Missing(f"PyPI unreachable? {text[-500:]}")
                 errors.append(f"{image} image's packages do not resolve with the pins:\n{text}")
                 continue
@@ -236,8 +274,9 @@ def check_pins(constraints: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checks", nargs="*", metavar="CHECK",
-                   help=f"some of {', '.join(CHECKS)} (default: all)")  # fmt: skip
+    p.add_argument(
+        "checks", nargs="*", metavar="CHECK", help=f"some of {', '.join(CHECKS)} (default: all)"
+    )
     p.add_argument("--compose-file", type=Path, default=ROOT / "docker-compose.yml")
     p.add_argument("--dockerfile", type=Path, action="append")
     p.add_argument("--script", type=Path, action="append", help="a shell script")

@@ -84,7 +84,7 @@ COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 
 def utcnow() -> str:
     """Now, in UTC, as ISO 8601 to the second: the time stamps of the store's records."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def is_local(url: str) -> bool:

@@ -65,16 +65,28 @@ def test_conv_kernels_match_wide_random_cnns(case):
     x = rng.standard_normal((4, *shape)) * 0.8
     w_var, b_var = 1.7, 0.2
     ops = conv_ops(
-        kw["depth"], kw.get("filter_size", 3), kw.get("stride", 1), kw.get("dilation", 1),
-        kw.get("padding", "same"), kw.get("skip_every", 0), kw.get("readout", "flatten"),
-    )  # fmt: skip
+        kw["depth"],
+        kw.get("filter_size", 3),
+        kw.get("stride", 1),
+        kw.get("dilation", 1),
+        kw.get("padding", "same"),
+        kw.get("skip_every", 0),
+        kw.get("readout", "flatten"),
+    )
     nngp_mc, ntk_mc = reference.monte_carlo_conv_kernels(
         x, ops, phi, dphi, w_var, b_var, width=192, nets=6
     )
     flat = x.reshape(len(x), -1)
     for kind, mc in (("nngp", nngp_mc), ("ntk", ntk_mc)):
-        spec = Spec(arch="conv", weight_var=w_var, bias_var=b_var, activation=name, kernel=kind,
-                    image_shape=shape, **kw)  # fmt: skip
+        spec = Spec(
+            arch="conv",
+            weight_var=w_var,
+            bias_var=b_var,
+            activation=name,
+            kernel=kind,
+            image_shape=shape,
+            **kw,
+        )
         k = spec.cross(flat, flat)
         np.testing.assert_allclose(k, mc, atol=0.03 * np.abs(mc).max(), rtol=0.05)
         np.testing.assert_allclose(np.diag(k), spec.diag(flat), rtol=1e-12)
@@ -121,8 +133,16 @@ def test_conv_equals_dense_when_the_filter_covers_the_image():
     x, y = rng.standard_normal((5, 32)), rng.standard_normal((3, 32))
     for kind in ("nngp", "ntk"):
         fc = Spec(depth=1, weight_var=1.7, bias_var=0.3, kernel=kind)
-        cv = Spec(arch="conv", depth=1, weight_var=1.7, bias_var=0.3, kernel=kind, filter_size=4,
-                  padding="valid", image_shape=(4, 4, 2))  # fmt: skip
+        cv = Spec(
+            arch="conv",
+            depth=1,
+            weight_var=1.7,
+            bias_var=0.3,
+            kernel=kind,
+            filter_size=4,
+            padding="valid",
+            image_shape=(4, 4, 2),
+        )
         np.testing.assert_allclose(cv.cross(x, y), fc.cross(x, y), rtol=1e-13)
         np.testing.assert_allclose(cv.diag(x), fc.diag(x), rtol=1e-13)
 
@@ -133,15 +153,29 @@ def test_blocked_equals_unblocked_and_depths_from_one_pass(monkeypatch, readout)
 
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((7, 75)), rng.standard_normal((5, 75))
-    spec = Spec(arch="conv", depth=3, weight_var=1.5, bias_var=0.1, image_shape=(5, 5, 3),
-                readout=readout, kernel="ntk")  # fmt: skip
+    spec = Spec(
+        arch="conv",
+        depth=3,
+        weight_var=1.5,
+        bias_var=0.1,
+        image_shape=(5, 5, 3),
+        readout=readout,
+        kernel="ntk",
+    )
     whole = spec.cross(x, y, depths=[0, 1, 3])
     monkeypatch.setattr(spec_module.fused, "applies", lambda spec: False)  # layer by layer
     monkeypatch.setitem(spec_module.CONV_BLOCK_ENTRIES, "numpy", 1)  # one pair per block
     np.testing.assert_allclose(spec.cross(x, y, depths=[0, 1, 3]), whole, rtol=1e-13)
     for k, depth in enumerate([0, 1, 3]):
-        single = Spec(arch="conv", depth=depth, weight_var=1.5, bias_var=0.1,
-                      image_shape=(5, 5, 3), readout=readout, kernel="ntk")  # fmt: skip
+        single = Spec(
+            arch="conv",
+            depth=depth,
+            weight_var=1.5,
+            bias_var=0.1,
+            image_shape=(5, 5, 3),
+            readout=readout,
+            kernel="ntk",
+        )
         np.testing.assert_allclose(single.cross(x, y), whole[k], rtol=1e-12)
 
 
@@ -168,8 +202,16 @@ def test_compiled_conv_loop_equals_layer_by_layer(monkeypatch, geometry, kind):
     x2 = np.concatenate([x1[:2], -x1[2:3], rng.standard_normal((4, x1.shape[1]))])
     x1[-1] = 0.0
     for activation, b_var in (("relu", 0.0), ("leaky_relu:0.2", 0.1)):
-        spec = Spec(arch="conv", depth=3, weight_var=1.7, bias_var=b_var, activation=activation,
-                    kernel=kind, image_shape=(13, 12, 2), **GEOMETRIES[geometry])  # fmt: skip
+        spec = Spec(
+            arch="conv",
+            depth=3,
+            weight_var=1.7,
+            bias_var=b_var,
+            activation=activation,
+            kernel=kind,
+            image_shape=(13, 12, 2),
+            **GEOMETRIES[geometry],
+        )
         assert spec_module.fused.applies(spec)
         got = spec.cross(x1, x2, depths=[0, 1, 3])
         with monkeypatch.context() as m:
@@ -199,8 +241,14 @@ def test_compiled_loop_runs_residual_nets_and_resnet32(monkeypatch, net, kind):
     x1 = rng.standard_normal((4, 8 * 8 * 2))
     x2 = np.concatenate([x1[:1], -x1[1:2], rng.standard_normal((3, x1.shape[1]))])
     x1[-1] = 0.0
-    kw = {"arch": "conv", "weight_var": 1.6, "bias_var": 0.1, "kernel": kind,
-          "image_shape": (8, 8, 2), **RESIDUAL[net]}  # fmt: skip
+    kw = {
+        "arch": "conv",
+        "weight_var": 1.6,
+        "bias_var": 0.1,
+        "kernel": kind,
+        "image_shape": (8, 8, 2),
+        **RESIDUAL[net],
+    }
     spec = Spec(**kw)
     with monkeypatch.context() as m:
         m.setattr(spec_module.fused, "applies", lambda spec: False)
@@ -221,8 +269,9 @@ def test_compiled_loop_runs_residual_nets_and_resnet32(monkeypatch, net, kind):
     off = ~np.eye(len(both), dtype=bool)
     with monkeypatch.context() as m:
         m.setattr(spec_module.fused, "applies", lambda spec: False)
-        np.testing.assert_allclose(sym[off], spec.cross(both, both.copy())[off], rtol=1e-12,
-                                   atol=1e-15)  # fmt: skip
+        np.testing.assert_allclose(
+            sym[off], spec.cross(both, both.copy())[off], rtol=1e-12, atol=1e-15
+        )
     np.testing.assert_allclose(np.diag(sym), spec.diag(both), rtol=1e-14)
 
 
@@ -283,10 +332,21 @@ def test_one_program_per_spec_which_every_path_reads():
         ({"arch": "resnet32", "image_shape": (28, 28, 1)}, 22148, 304),
         ({"arch": "resnet32", "image_shape": (32, 32, 3)}, 28928, 272),
         ({"arch": "conv", "depth": 2, "readout": "gap", "image_shape": (28, 28, 1)}, 2458624, 24),
-        ({"arch": "conv", "depth": 3, "skip_every": 2, "stride": 2, "filter_size": 2,
-          "padding": "valid", "image_shape": (13, 12, 2)}, 92, 2048),
+        (
+            {
+                "arch": "conv",
+                "depth": 3,
+                "skip_every": 2,
+                "stride": 2,
+                "filter_size": 2,
+                "padding": "valid",
+                "image_shape": (13, 12, 2),
+            },
+            92,
+            2048,
+        ),
     ],
-)  # fmt: skip
+)
 def test_cost_model_is_unchanged(kw, entries, tile):
     """The cost model sets an image store's default tile size, part of the store's identity:
     pinned to the values of the formula the program's cost model replaced."""
@@ -326,14 +386,22 @@ def test_valid_filter_too_large_and_strided_identity_skip_fail_clearly():
 def test_reference_cnn_backprop_matches_finite_differences():
     """The Monte Carlo oracle's hand-written backprop, checked by central differences."""
     rng = np.random.default_rng(1)
-    ops = [("conv", 3, 1, 1, "same"), ("phi",),
-           ("residual", [("phi",), ("conv", 3, 2, 1, "same"), ("phi",), ("conv", 3, 1, 1, "same")],
-            [("conv", 1, 2, 1, "same")]),
-           ("phi",), ("gap",)]  # fmt: skip
+    ops = [
+        ("conv", 3, 1, 1, "same"),
+        ("phi",),
+        (
+            "residual",
+            [("phi",), ("conv", 3, 2, 1, "same"), ("phi",), ("conv", 3, 1, 1, "same")],
+            [("conv", 1, 2, 1, "same")],
+        ),
+        ("phi",),
+        ("gap",),
+    ]
     for ops_, shape in ((ops, (5, 5, 2)), (conv_ops(2, 2, 2, 2, "valid"), (7, 8, 2))):
         x = rng.standard_normal((3, *shape))
-        net = reference.FiniteConvNet(rng, ops_, 2, 3, np.tanh, lambda z: 1 - np.tanh(z) ** 2,
-                                      1.3, 0.2)  # fmt: skip
+        net = reference.FiniteConvNet(
+            rng, ops_, 2, 3, np.tanh, lambda z: 1 - np.tanh(z) ** 2, 1.3, 0.2
+        )
         np.testing.assert_allclose(net.ntk(x), net.output_fd(x), rtol=1e-6, atol=1e-8)
 
 
@@ -344,10 +412,32 @@ def test_cli_conv_store_is_tiled_exactly_and_records_the_image_shape(tmp_path):
     from nngp_dist.cli import main
 
     store = tmp_path / "cnn.zarr"
-    args = ["kernel", "--dataset", "demo", "--store", str(store), "--arch", "conv", "--depth",
-            "2", "--filter-size", "5", "--stride", "2", "--train-size", "70", "--test-size",
-            "20", "--tile-size", "32", "--kernel", "ntk", "--scheduler", "synchronous",
-            "--quiet"]  # fmt: skip
+    args = [
+        "kernel",
+        "--dataset",
+        "demo",
+        "--store",
+        str(store),
+        "--arch",
+        "conv",
+        "--depth",
+        "2",
+        "--filter-size",
+        "5",
+        "--stride",
+        "2",
+        "--train-size",
+        "70",
+        "--test-size",
+        "20",
+        "--tile-size",
+        "32",
+        "--kernel",
+        "ntk",
+        "--scheduler",
+        "synchronous",
+        "--quiet",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     ds = open_store(str(store))
@@ -372,20 +462,39 @@ def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
 
     flat = tmp_path / "flat.npz"
     rng = np.random.default_rng(0)
-    np.savez(flat, x_train=rng.random((10, 12)), y_train=np.arange(10) % 2,
-             x_test=rng.random((3, 12)), y_test=np.arange(3) % 2)  # fmt: skip
+    np.savez(
+        flat,
+        x_train=rng.random((10, 12)),
+        y_train=np.arange(10) % 2,
+        x_test=rng.random((3, 12)),
+        y_test=np.arange(3) % 2,
+    )
     for extra, message in (
         ([f"npz:{flat}", "--arch", "conv"], "images"),
-        (["demo", "--arch", "conv", "--depth", "9", "--padding", "valid", "--filter-size", "5"],
-         "does not fit"),
+        (
+            ["demo", "--arch", "conv", "--depth", "9", "--padding", "valid", "--filter-size", "5"],
+            "does not fit",
+        ),
         (["demo", "--arch", "conv", "--stride", "2", "--skip-every", "1"], "projection"),
         (["demo", "--filter-size", "5"], "--filter-size does not apply to --arch fc"),
         (["demo", "--readout", "gap", "--padding", "same"], "--padding, --readout do not apply"),
         (["demo", "--arch", "resnet32", "--depth", "3"], "--depth does not apply"),
-    ):  # fmt: skip
+    ):
         store = tmp_path / "s.zarr"
-        res = CliRunner().invoke(main, ["kernel", "--dataset", *extra, "--store", str(store),
-                                        "--train-size", "20", "--test-size", "5"])  # fmt: skip
+        res = CliRunner().invoke(
+            main,
+            [
+                "kernel",
+                "--dataset",
+                *extra,
+                "--store",
+                str(store),
+                "--train-size",
+                "20",
+                "--test-size",
+                "5",
+            ],
+        )
         assert res.exit_code == 2 and message in res.output, res.output
         assert not store.exists()
 
@@ -395,20 +504,64 @@ def test_cli_conv_needs_images_and_checks_geometry_before_writing(tmp_path):
 # W_std=sqrt(1.7), b_std=sqrt(0.2)) + Relu, twice, then Flatten or GlobalAvgPool, then
 # Dense(1, same stds); kernel_fn(x, x, ("nngp", "ntk")), upper triangle row by row.
 NEURAL_TANGENTS = {
-    "flatten": ({}, [1.0639411313765472, 0.8678040916055477, 0.7862650741695859,
-                     1.3087191755937497, 0.7631989990661284, 1.0762742327752648],
-                [2.6218233941296414, 1.429429945606128, 1.2557143619037656, 3.356157526781249,
-                 1.0592729072162168, 2.6588226983257948]),
-    "gap": ({"readout": "gap"}, [0.7067370255594133, 0.742444735096139, 0.6908095306692013,
-                                 0.8088357397677776, 0.7438203657566452, 0.7016349727425992],
-            [1.0430945034700922, 1.0480737796203077, 0.9750021599174139, 1.1778940058915774,
-             1.0514177891025742, 1.0250413633382487]),
-    "stride2-valid-2x2": ({"stride": 2, "padding": "valid", "filter_size": 2},
-                          [1.3407896124508645, 1.0374477756298972, 0.9562073135809692,
-                           1.823944641020329, 0.9526873583380372, 1.57028995564645],
-                          [3.4523688373525934, 1.6240937580470802, 1.4533598709036037,
-                           4.9018339230609875, 1.2259445527264077, 4.140869865455436]),
-}  # fmt: skip
+    "flatten": (
+        {},
+        [
+            1.0639411313765472,
+            0.8678040916055477,
+            0.7862650741695859,
+            1.3087191755937497,
+            0.7631989990661284,
+            1.0762742327752648,
+        ],
+        [
+            2.6218233941296414,
+            1.429429945606128,
+            1.2557143619037656,
+            3.356157526781249,
+            1.0592729072162168,
+            2.6588226983257948,
+        ],
+    ),
+    "gap": (
+        {"readout": "gap"},
+        [
+            0.7067370255594133,
+            0.742444735096139,
+            0.6908095306692013,
+            0.8088357397677776,
+            0.7438203657566452,
+            0.7016349727425992,
+        ],
+        [
+            1.0430945034700922,
+            1.0480737796203077,
+            0.9750021599174139,
+            1.1778940058915774,
+            1.0514177891025742,
+            1.0250413633382487,
+        ],
+    ),
+    "stride2-valid-2x2": (
+        {"stride": 2, "padding": "valid", "filter_size": 2},
+        [
+            1.3407896124508645,
+            1.0374477756298972,
+            0.9562073135809692,
+            1.823944641020329,
+            0.9526873583380372,
+            1.57028995564645,
+        ],
+        [
+            3.4523688373525934,
+            1.6240937580470802,
+            1.4533598709036037,
+            4.9018339230609875,
+            1.2259445527264077,
+            4.140869865455436,
+        ],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(NEURAL_TANGENTS))
@@ -417,8 +570,15 @@ def test_against_neural_tangents(case):
     x = np.random.default_rng(11).standard_normal((3, 6, 5, 2)).reshape(3, -1)
     upper = np.triu_indices(3)
     for kind, ref in (("nngp", nngp), ("ntk", ntk)):
-        spec = Spec(arch="conv", depth=2, weight_var=1.7, bias_var=0.2, image_shape=(6, 5, 2),
-                    kernel=kind, **kw)  # fmt: skip
+        spec = Spec(
+            arch="conv",
+            depth=2,
+            weight_var=1.7,
+            bias_var=0.2,
+            image_shape=(6, 5, 2),
+            kernel=kind,
+            **kw,
+        )
         # its NTK diagonal carries arccos(1 - eps) rounding (~1e-10 here)
         np.testing.assert_allclose(spec.cross(x, x)[upper], ref, rtol=1e-9)
 
@@ -429,8 +589,16 @@ def test_backends_agree_on_conv(xp, readout):
     from nngp_dist.backend import to_host
 
     x = np.random.default_rng(9).standard_normal((5, 48))
-    spec = Spec(arch="conv", depth=3, weight_var=1.6, bias_var=0.1, image_shape=(4, 4, 3),
-                readout=readout, skip_every=1, kernel="ntk")  # fmt: skip
+    spec = Spec(
+        arch="conv",
+        depth=3,
+        weight_var=1.6,
+        bias_var=0.1,
+        image_shape=(4, 4, 3),
+        readout=readout,
+        skip_every=1,
+        kernel="ntk",
+    )
     got = to_host(spec.cross(xp.asarray(x), xp.asarray(x[:3])))
     np.testing.assert_allclose(got, spec.cross(x, x[:3]), rtol=1e-10)
     np.testing.assert_allclose(to_host(spec.diag(xp.asarray(x))), spec.diag(x), rtol=1e-10)
@@ -454,9 +622,20 @@ def test_image_store_solves_in_blocks_of_several_tiles(tmp_path, client, method)
 
     store = str(tmp_path / "cnn.zarr")
     with dask.config.set({"nngp-dist.tile-size": 23}):  # 8-row tiles -> 3-tile blocks of 24
-        report = jobs.run(store, dataset="demo", arch="conv", depth=1, tile_size=8,
-                          train_size=60, test_size=10, noise=1e-3, method=method,
-                          tol=1e-12, client=client, progress=False)  # fmt: skip
+        report = jobs.run(
+            store,
+            dataset="demo",
+            arch="conv",
+            depth=1,
+            tile_size=8,
+            train_size=60,
+            test_size=10,
+            noise=1e-3,
+            method=method,
+            tol=1e-12,
+            client=client,
+            progress=False,
+        )
     ds = nngp_dist.open_store(store)
     meta = ds.attrs["nngp_dist"]
     assert (meta["tile_size"], meta["solve_block"]) == (8, 24)
@@ -506,7 +685,12 @@ def test_gpu_conv_program_in_the_cuda_simulator():
     identical, negated and zero images, and a set with itself (half the blocks, mirrored).
     On a GPU machine, the backend tests above run it for real."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    out = subprocess.run([sys.executable, "-c", GPU_PROGRAM_CHECK], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", GPU_PROGRAM_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"

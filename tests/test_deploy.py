@@ -233,8 +233,12 @@ def validate(*args, env=None):
     (.ci/run installs them, so in CI these tests run)."""
     out = subprocess.run(
         [sys.executable, str(VALIDATE), *map(str, args)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     if out.returncode == 3:
         pytest.skip(out.stderr.strip().splitlines()[-1])
     return out
@@ -295,8 +299,9 @@ def test_validator_checks_kubernetes_field_types(tmp_path):
 
 
 def test_validator_refuses_unknown_checks():
-    out = subprocess.run([sys.executable, str(VALIDATE), "everything"], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(VALIDATE), "everything"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "no such check: everything" in out.stderr
 
 
@@ -321,8 +326,10 @@ def test_kubernetes_manifests():
         # The operator's required fields: scheduler.spec, scheduler.service, worker.spec.
         service = spec["scheduler"]["service"]
         assert service["type"] == "ClusterIP"  # reachable from inside the cluster only
-        assert service["selector"] == {"dask.org/cluster-name": name,
-                                       "dask.org/component": "scheduler"}  # fmt: skip
+        assert service["selector"] == {
+            "dask.org/cluster-name": name,
+            "dask.org/component": "scheduler",
+        }
         assert {p["port"] for p in service["ports"]} == {8786, 8787}
         assert spec["worker"]["replicas"] >= 1
         for role in ("scheduler", "worker"):
@@ -353,8 +360,9 @@ def test_kubernetes_daskjob_runs_nngp_dist_in_its_own_pod():
     (container,) = pod["containers"]
     args = container["args"]
     assert args[:4] == ["nngp-dist", "run", "--scheduler", "$(DASK_SCHEDULER_ADDRESS)"]
-    ctx = cli.commands["run"].make_context("run", [a.replace("$(", "").replace(")", "")
-                                                   for a in args[2:]])  # fmt: skip
+    ctx = cli.commands["run"].make_context(
+        "run", [a.replace("$(", "").replace(")", "") for a in args[2:]]
+    )
     assert ctx.params["store"].startswith("/stores/")
     assert ctx.params["json_path"].startswith("/stores/")
     # The deployment docs no longer start jobs by exec into a worker pod.
@@ -368,8 +376,19 @@ def test_kubernetes_daskjob_runs_nngp_dist_in_its_own_pod():
 def test_slurm_script_splits_its_options_from_nngp_dist_run(tmp_path, capsys):
     py_compile.compile(str(SLURM), cfile=str(tmp_path / "run_slurm.pyc"), doraise=True)
     module = load_script(SLURM)  # importable without dask-jobqueue
-    args, rest = module.parse_args(["--jobs", "3", "--store", "s.zarr", "--noise", "1e-3,1e-2",
-                                    "--walltime", "04:00:00", "--quiet"])  # fmt: skip
+    args, rest = module.parse_args(
+        [
+            "--jobs",
+            "3",
+            "--store",
+            "s.zarr",
+            "--noise",
+            "1e-3,1e-2",
+            "--walltime",
+            "04:00:00",
+            "--quiet",
+        ]
+    )
     assert (args.jobs, args.walltime, args.cores) == (3, "04:00:00", None)
     assert rest == ["--store", "s.zarr", "--noise", "1e-3,1e-2", "--quiet"]
     for reserved in ("--scheduler", "--workers=2", "--memory-limit"):
@@ -398,8 +417,12 @@ def slurm_job_script(tmp_path, jobqueue_yaml, *args):
     env.update(DASK_CONFIG=str(site), DASK_ROOT_CONFIG=str(site), HOME=str(tmp_path))
     out = subprocess.run(
         [sys.executable, str(SLURM), "--print-job-script", "--store", "s.zarr", *args],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -445,8 +468,11 @@ def test_slurm_checks_nngp_dist_options_before_submitting(tmp_path):
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed")
     out = subprocess.run(
         [sys.executable, str(SLURM), "--store", "s.zarr", "--depht", "3"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "No such option '--depht'" in out.stderr
     assert "#SBATCH" not in out.stdout + out.stderr  # no cluster, no job
@@ -501,8 +527,11 @@ def test_plain_recipe_binds_http_to_loopback(tmp_path):
         words = shlex.split(line)
         env = dict(w.split("=", 1) for w in words[: words.index("dask")])
         words = words[words.index("dask") + 2 :]
-        for option, value in (("--nworkers", "1"), ("--memory-limit", "1GB"),
-                              ("--local-directory", str(tmp_path / "dask"))):  # fmt: skip
+        for option, value in (
+            ("--nworkers", "1"),
+            ("--memory-limit", "1GB"),
+            ("--local-directory", str(tmp_path / "dask")),
+        ):
             if option in words:
                 words[words.index(option) + 1] = value
         return env, words
@@ -511,11 +540,15 @@ def test_plain_recipe_binds_http_to_loopback(tmp_path):
     try:
         for line, module in ((scheduler, "dask_scheduler"), (worker, "dask_worker")):
             env, words = argv(line)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", f"distributed.cli.{module}", *words],
-                env={**os.environ, **env}, start_new_session=True,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", f"distributed.cli.{module}", *words],
+                    env={**os.environ, **env},
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         from distributed import Client
 
         with Client(f"tcp://127.0.0.1:{ports['8786']}", timeout=60) as c:
@@ -548,15 +581,36 @@ def test_scheduler_two_workers_and_nngp_dist_run(tmp_path, dask_processes, compo
     store = str(tmp_path / "s.zarr")
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
     run = subprocess.run(
-        [*nngp_dist_cli(), "run", "--dataset", "demo", "--train-size", "300", "--test-size",
-         "100", "--store", store, "--scheduler", address, "--noise", "1e-3", "--quiet"],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        [
+            *nngp_dist_cli(),
+            "run",
+            "--dataset",
+            "demo",
+            "--train-size",
+            "300",
+            "--test-size",
+            "100",
+            "--store",
+            store,
+            "--scheduler",
+            address,
+            "--noise",
+            "1e-3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr + dask_processes.logs()
     status = subprocess.run(
         [*nngp_dist_cli(), "status", "--store", store, "--json"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert status.returncode == 0, status.stderr
     st = json.loads(status.stdout)
     assert st["stage"] == "done"
@@ -578,6 +632,7 @@ def test_scheduler_two_workers_and_nngp_dist_run(tmp_path, dask_processes, compo
         old, _ = health_url(service)
         test = [a.replace(f":{old}/", f":{port}/") for a in service["healthcheck"]["test"][1:]]
         assert test[0] == "python"  # the images' interpreter; here, this one
-        probe = subprocess.run([sys.executable, *test[1:]], capture_output=True, text=True,
-                               timeout=30)  # fmt: skip
+        probe = subprocess.run(
+            [sys.executable, *test[1:]], capture_output=True, text=True, timeout=30
+        )
         assert probe.returncode == 0, probe.stderr

@@ -122,3 +122,71 @@ def test_find_cycle_finds_one_within_a_prefix_only():
 def test_kernels_have_no_import_cycle():
     cycle = find_cycle(import_graph(), within="nngp_dist.kernels")
     assert cycle is None, " -> ".join(cycle)
+
+
+# The package's layers, top to bottom (docs/architecture.md): a module may import modules of
+# its own layer or below, never above. A module of a subpackage belongs to its subpackage's
+# layer; a new module must be given one here.
+LAYERS = (
+    ("nngp_dist", "nngp_dist.cli"),
+    (
+        "nngp_dist.jobs",
+        "nngp_dist.sweep",
+        "nngp_dist.figures",
+        "nngp_dist.detached",
+        "nngp_dist.estimator",
+    ),
+    (
+        "nngp_dist.compute",
+        "nngp_dist.predict",
+        "nngp_dist.select",
+        "nngp_dist.solvers",
+        "nngp_dist.cluster",
+    ),
+    ("nngp_dist.workers", "nngp_dist.options", "nngp_dist.progress"),
+    ("nngp_dist.storage",),
+    (
+        "nngp_dist.layout",
+        "nngp_dist.tiling",
+        "nngp_dist.datasets",
+        "nngp_dist.kernels",
+        "nngp_dist.backend",
+        "nngp_dist.config",
+        "nngp_dist.errors",
+        "nngp_dist._version",
+    ),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index of ``module``'s layer (its own entry, else its subpackage's), or None."""
+    for name in (module, module.rpartition(".")[0]):
+        for i, layer in enumerate(LAYERS):
+            if name in layer:
+                return i
+    return None
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{m} -> {n}"
+        for m, targets in graph.items()
+        for n in targets
+        if layer_of(m) is not None and layer_of(n) is not None and layer_of(n) < layer_of(m)
+    ]
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_every_module_has_a_layer_and_no_import_goes_up():
+    graph = import_graph()
+    assert [m for m in graph if layer_of(m) is None] == []
+    assert upward_edges(graph) == []
+
+
+def test_an_upward_import_is_found():
+    graph = {"nngp_dist.storage": {"nngp_dist.jobs"}, "nngp_dist.jobs": {"nngp_dist.storage"}}
+    assert upward_edges(graph) == ["nngp_dist.storage -> nngp_dist.jobs"]

@@ -61,8 +61,10 @@ def test_variance_against_1d_quadrature(name):
         def integrand(z, k=k):
             return phi(math.sqrt(k) * z) ** 2 * math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
 
-        want = sum(integrate.quad(integrand, a, b, epsabs=1e-13, epsrel=1e-12)[0]
-                   for a, b in ((-12, 0), (0, 12)))  # fmt: skip
+        want = sum(
+            integrate.quad(integrand, a, b, epsabs=1e-13, epsrel=1e-12)[0]
+            for a, b in ((-12, 0), (0, 12))
+        )
         assert float(nl.variance(np.array([k]))[0]) == pytest.approx(want, rel=1e-8)
 
 
@@ -142,8 +144,14 @@ def test_row_blocking_does_not_change_the_result(monkeypatch):
 def test_compiled_arccos_against_numpy():
     from nngp_dist.kernels import _relu_loop
 
-    x = np.concatenate([np.linspace(-1, 1, 200_001), [-1.0, -0.5, 0.5, 1.0],
-                        1 - np.logspace(-16, -1, 200), -1 + np.logspace(-16, -1, 200)])  # fmt: skip
+    x = np.concatenate(
+        [
+            np.linspace(-1, 1, 200_001),
+            [-1.0, -0.5, 0.5, 1.0],
+            1 - np.logspace(-16, -1, 200),
+            -1 + np.logspace(-16, -1, 200),
+        ]
+    )
     got = np.empty_like(x)
     _relu_loop.arccos(x, got)
     want = np.arccos(x)
@@ -295,8 +303,9 @@ def test_matches_neural_tangents():
     k = ntk.cross(x, x)
     np.testing.assert_allclose([k[0, 1], k[0, 2], k[1, 2]], nt_ntk_offdiag, rtol=1e-12)
     # neural-tangents' NTK diagonal carries arccos(1 - eps) rounding (~1e-8): loose there
-    np.testing.assert_allclose(ntk.diag(x)[:3], [2.330017858883189, 2.288238846351671,
-                                                 2.2313130971344424], rtol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        ntk.diag(x)[:3], [2.330017858883189, 2.288238846351671, 2.2313130971344424], rtol=1e-7
+    )
 
 
 @pytest.mark.parametrize("kind", ["nngp", "ntk"])
@@ -355,8 +364,14 @@ def test_fused_gpu_relu_body_compiled_as_c_equals_numpy(tmp_path):
         f, fdot = np.empty(400), np.empty(400)
         c = (1.0 - alpha) ** 2
         args = [a.ctypes.data_as(ptr) for a in (k12, k11, k22)]
-        run(ctypes.c_long(400), *args, ctypes.c_double(alpha), ctypes.c_double(c),
-            f.ctypes.data_as(ptr), fdot.ctypes.data_as(ptr))  # fmt: skip
+        run(
+            ctypes.c_long(400),
+            *args,
+            ctypes.c_double(alpha),
+            ctypes.c_double(c),
+            f.ctypes.data_as(ptr),
+            fdot.ctypes.data_as(ptr),
+        )
         want_f, want_dot = leaky_relu(alpha).moments(k12, k11, k22, True)
         # F's terms are of the size of sqrt(k11 k22) and cancel near rho = -1, where F is
         # small: there a last-bit difference of the two arctangents (libm's here, NumPy's

@@ -96,8 +96,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args, run_args = parser().parse_known_args(argv)
     for arg in run_args:
         if arg.split("=")[0] in RESERVED:
-            raise SystemExit(f"{arg.split('=')[0]} is this script's to set: the workers are "
-                             "SLURM jobs (--jobs, --cores, --memory ...)")  # fmt: skip
+            raise SystemExit(
+                f"{arg.split('=')[0]} is this script's to set: the workers are "
+                "SLURM jobs (--jobs, --cores, --memory ...)"
+            )
     return args, run_args
 
 
@@ -202,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         # `nngp-dist run` itself, in this process, against the SLURM workers' scheduler.
         try:
-            cli.main(["run", *run_args, "--scheduler", cluster.scheduler_address],
-                     prog_name="nngp-dist", standalone_mode=False)  # fmt: skip
+            cli.main(
+                ["run", *run_args, "--scheduler", cluster.scheduler_address],
+                prog_name="nngp-dist",
+                standalone_mode=False,
+            )
         except click.ClickException as e:
             e.show()
             return e.exit_code
