@@ -49,9 +49,14 @@ class NNGPRegressor:
     (``noise`` relative to the mean training diagonal, ``max_noise``, ``method`` =
     ``"cholesky"`` or ``"cg"``); the tiles (``tile_size``, ``dtype``); and where to compute
     (``store``; ``client``, or ``scheduler``, or an embedded cluster of ``workers`` with
-    ``memory_limit`` each). Targets are modelled as noisy observations of the GP;
-    ``predict(X, return_std=True)`` returns the standard deviation of the noise-free latent
-    function at ``X``.
+    ``memory_limit`` each).
+
+    Targets (1-D, or 2-D for several outputs) are modelled as noisy observations of the GP,
+    ``T ~ N(0, s2 (K + s I))`` column by column, with ``s`` the absolute noise and ``s2`` the
+    prior's scale fitted by maximum likelihood (``output_scale_``; it leaves the mean
+    unchanged). ``predict(X, return_std=True)`` returns the standard deviation of the predictive
+    distribution of the targets at ``X``, ``sqrt(s2 (var + s))`` with ``var`` the latent
+    posterior variance under the unit-scale prior (one value per example for all outputs).
     """
 
     def __init__(self, *, arch: str = "fc", depth: int = 3, weight_var: float = 1.0,
@@ -132,6 +137,7 @@ class NNGPRegressor:
         self.n_features_in_ = int(np.prod(X.shape[1:]))
         self.image_shape_ = X.shape[1:]
         self.noise_ = self.solve_["noise"]
+        self.output_scale_ = self.solve_["output_scale"]
         return self
 
     def _arch(self) -> dict:
@@ -149,6 +155,7 @@ class NNGPRegressor:
                 "memory_limit": self.memory_limit}  # fmt: skip
 
     def _posterior(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means (N x C) and the targets' predictive standard deviations (N)."""
         if not hasattr(self, "store_"):
             raise UserError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
         X = np.asarray(X)
@@ -165,14 +172,17 @@ class NNGPRegressor:
                     **run)  # fmt: skip
         jobs.predict(self.store_, score=False, progress=self.progress, **run)
         g = KernelStore.open(self.store_).group
-        return np.asarray(g["mean"][...]), np.asarray(g["variance"][...])
+        mean, var = np.asarray(g["mean"][...]), np.asarray(g["variance"][...])
+        # The targets' predictive variance: the prior's scale fitted by maximum likelihood
+        # times the latent variance plus the noise (as nngp_dist.predict.predictive_variance).
+        return mean, np.sqrt(self.output_scale_ * (var + self.solve_["noise_abs"]))
 
     def predict(self, X: Any, return_std: bool = False) -> Any:
-        """Posterior mean at ``X`` (and the latent standard deviation with ``return_std``)."""
-        mean, var = self._posterior(X)
+        """Posterior mean at ``X`` (and the targets' predictive standard deviation)."""
+        mean, std = self._posterior(X)
         if self.y_train_.ndim == 1:
             mean = mean[:, 0]
-        return (mean, np.sqrt(var)) if return_std else mean
+        return (mean, std) if return_std else mean
 
     def score(self, X: Any, y: Any) -> float:
         """The coefficient of determination R^2 of ``predict(X)``."""
@@ -185,7 +195,8 @@ class NNGPClassifier(NNGPRegressor):
     """Classification by GP regression on one-hot targets (0.9 for the class, -0.1 elsewhere),
     as Lee et al. (2018) do: ``predict`` is the class of the largest posterior mean;
     ``decision_function`` gives the means per class; ``predict(X, return_std=True)`` also the
-    latent standard deviation (the same for every class)."""
+    targets' predictive standard deviation (the same for every class; see
+    :class:`NNGPRegressor`)."""
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y)
@@ -205,9 +216,9 @@ class NNGPClassifier(NNGPRegressor):
         return self._posterior(X)[0]
 
     def predict(self, X: Any, return_std: bool = False) -> Any:
-        mean, var = self._posterior(X)
+        mean, std = self._posterior(X)
         labels = self.classes_[mean.argmax(axis=1)]
-        return (labels, np.sqrt(var)) if return_std else labels
+        return (labels, std) if return_std else labels
 
     def score(self, X: Any, y: Any) -> float:
         """Accuracy of ``predict(X)``."""

@@ -13,15 +13,27 @@ from nngp_dist.storage import KernelStore
 ARCH = {"depth": 2, "weight_var": 1.6, "bias_var": 0.2}
 
 
-def direct(x, t, xs, noise):
-    spec = Spec(**ARCH)
+def direct(x, t, xs, noise, arch=ARCH):
+    """The GP posterior by SciPy from the closed-form kernel: the mean, the targets' predictive
+    standard deviation sqrt(s2 (var + s)) and s2.
+
+    s2 is the prior's scale by maximum likelihood: for T ~ N(0, s2 A) column by column
+    (A = K + s I, N x C targets), log p = -NC/2 log(2 pi s2) - 1/2 log det A^C
+    - tr(T' A^-1 T) / (2 s2), whose derivative in s2 vanishes at s2 = tr(T' A^-1 T) / (N C).
+    """
+    spec = Spec(**arch)
     k = spec.cross(x, x)
-    k += noise * np.mean(np.diag(k)) * np.eye(len(x))
+    s = noise * np.mean(np.diag(k))  # the noise is relative to the mean training diagonal
+    factor = sl.cho_factor(k + s * np.eye(len(x)), lower=True)
+    alpha = sl.cho_solve(factor, t)
+    s2 = np.trace(t.T @ alpha) / t.size
     ks = spec.cross(xs, x)
-    low = sl.cholesky(k, lower=True)
-    mean = ks @ sl.cho_solve((low, True), t)
-    w = sl.solve_triangular(low, ks.T, lower=True)
-    return mean, np.sqrt(np.maximum(spec.diag(xs) - (w * w).sum(0), 0))
+    var = np.diag(spec.cross(xs, xs)) - (ks.T * sl.cho_solve(factor, ks.T)).sum(0)
+    return ks @ alpha, np.sqrt(s2 * (np.maximum(var, 0) + s)), s2
+
+
+def one_hot(labels, classes):
+    return targets(np.searchsorted(classes, labels))
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +50,11 @@ def test_regressor_matches_scipy_and_reuses_the_training_kernel(tmp_path, data, 
     est = NNGPRegressor(noise=1e-2, tile_size=64, store=store, client=client, **ARCH)
     est.fit(x, t)
     mean, std = est.predict(xs, return_std=True)
-    ref_mean, ref_std = direct(x, t[:, None], xs, 1e-2)
+    ref_mean, ref_std, s2 = direct(x, t[:, None], xs, 1e-2)
+    assert est.output_scale_ == pytest.approx(s2, rel=1e-8)
+    assert not 0.5 < s2 < 2  # the scale matters here: a std without it would fail below
     np.testing.assert_allclose(mean, ref_mean[:, 0], rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(std, ref_std, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-6)
     # A second test set: the training tiles are not recomputed (their records are unchanged).
     before = KernelStore.open(store).tile_seconds("k_train_train")
     mean2 = est.predict(x[:20])
@@ -62,11 +76,12 @@ def test_classifier_labels_scores_and_params(data, client):
     labels = np.array(list("abcdefghij"))[y]  # any label type
     clf = NNGPClassifier(noise=1e-2, client=client, **ARCH).fit(x, labels)
     assert list(clf.classes_) == sorted(set(labels))
-    ref, ref_std = direct(x, targets(np.searchsorted(clf.classes_, labels)), xs, 1e-2)
+    ref, ref_std, s2 = direct(x, targets(np.searchsorted(clf.classes_, labels)), xs, 1e-2)
+    assert clf.output_scale_ == pytest.approx(s2, rel=1e-8)
     np.testing.assert_allclose(clf.decision_function(xs), ref, rtol=1e-8, atol=1e-10)
     pred, std = clf.predict(xs, return_std=True)
     assert (pred == clf.classes_[ref.argmax(1)]).all()
-    np.testing.assert_allclose(std, ref_std, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-6)
     acc = clf.score(xs, np.array(list("abcdefghij"))[ys])
     assert acc == pytest.approx(float((ref.argmax(1) == ys).mean()))
     assert acc > 0.5
