@@ -59,8 +59,7 @@ def no_new_cluster(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a new cluster was started instead of the shared client")
 
-    monkeypatch.setattr(cluster, "connect", refuse)
-    monkeypatch.setattr(jobs, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)  # jobs connect through cluster.with_client
 
 
 def test_regressor_matches_scipy_and_reuses_the_training_kernel(tmp_path, data, client):
@@ -304,8 +303,12 @@ def test_where_the_tiles_run(data, client, monkeypatch):
         calls.append((scheduler, workers, memory_limit))
         yield client
 
+    def with_client(fn, client=None, *args, **kwargs):
+        assert client is not None, "a job connected on its own"
+        return fn(client)
+
     monkeypatch.setattr(cluster, "connect", connect)
-    monkeypatch.setattr(jobs, "connect", None)  # the estimators connect once per call
+    monkeypatch.setattr(jobs, "with_client", with_client)  # the estimators connect once per call
     reg = NNGPRegressor(noise=1e-2, workers=1, memory_limit="1GB", **ARCH).fit(x[:30], x[:30, 0])
     reg.predict(xs[:5])
     assert calls == [(None, 1, "1GB")] * 2  # workers= given: not the default client
