@@ -187,7 +187,7 @@ def _run_distributed(
 ) -> None:
     if max_in_flight is None:
         threads = sum(client.nthreads().values()) or 1
-        max_in_flight = int(config.get("tasks-per-thread")) * threads
+        max_in_flight = config.value("tasks-per-thread") * threads
     pending = iter(todo)
 
     def submit(tile: Tile) -> Any:
