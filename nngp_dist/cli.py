@@ -171,6 +171,11 @@ kernel_options = _options(
     click.option(
         "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
     ),
+    click.option(
+        "--force",
+        is_flag=True,
+        help="Go on despite a --tile-size under 16 or less free disk than the store's estimate.",
+    ),
 )
 
 cluster_options = _options(
