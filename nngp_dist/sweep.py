@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed import as_completed
 
-from . import datasets
+from . import config, datasets
 from .cluster import with_client
 from .compute import probe
 from .errors import UserError
@@ -166,7 +166,7 @@ def sweep(
     *,
     dataset: str = "demo",
     train_size: int | None = None,
-    validation_size: int = 10000,
+    validation_size: int | None = None,
     depths: Any = "1-5",
     weight_vars: Any = "0.5:2.5:5",
     bias_vars: Any = "0:0.4:5",
@@ -186,8 +186,10 @@ def sweep(
     """Score every (depth, w_var, b_var, noise) on the validation split; write table and heat map.
 
     Returns ``{"best": row, "rows": [...], "files": {...}, "seconds": s, ...}``. Noise is relative
-    to the mean of the fitted points' kernel diagonal, as in ``solve``.
+    to the mean of the fitted points' kernel diagonal, as in ``solve``. ``validation_size``
+    defaults to a fifth of the training set, at most 10,000.
     """
+    config.checked()
     depths, weight_vars, bias_vars, noises = _grid(depths, weight_vars, bias_vars, noises)
     specs = _specs(weight_vars, bias_vars, max(depths), activation, kernel)
     if heatmap_depth is not None and heatmap_depth not in depths:
@@ -328,15 +330,18 @@ def _split(
     ds: datasets.Dataset,
     name: str,
     train_size: int | None,
-    validation_size: int,
+    validation_size: int | None,
 ) -> _Split:
     n_all = len(ds.x_train)
-    v = int(validation_size)
+    v = min(10000, n_all // 5) if validation_size is None else int(validation_size)
     n = n_all - v if train_size is None else int(train_size)
     if v < 1 or n < 1 or n + v > n_all:
+        given = f"--validation-size {v}" + ("" if validation_size is not None else " (default)")
+        given += f" with --train-size {n}" if train_size is not None else ""
         raise UserError(
-            f"--train-size {n} and --validation-size {v} must be positive and together at most "
-            f"the {n_all} training examples of {name} (validation = the last {v})"
+            f"{given}: the validation split (the last V training examples) and the fitted "
+            "points (the first N; by default all the others) must be non-empty and together "
+            f"at most the {n_all} training examples of {name}"
         )
     labels = ds.y_train.dtype.kind in "iu"
     n_classes = int(ds.y_train.max() + 1) if labels else None
