@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["DATASETS", "Dataset", "from_arrays", "load"]
+__all__ = ["DATASETS", "Dataset", "as_dataset", "from_arrays", "load"]
 
 # Upstream files (over https, from their publishers) and the MD5 sums the publishers list for
 # them: pooch checks every download against them and keeps nothing that differs.
@@ -100,6 +100,26 @@ def from_arrays(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any)
     ds = _as_float(ds)
     validate(ds)
     return ds
+
+
+def as_dataset(
+    dataset: str | Dataset,
+    data_dir: str | os.PathLike | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    standardize: bool = False,
+) -> Dataset:
+    """``dataset`` itself if it is a :class:`Dataset` (validated when it was made), else the
+    dataset of that name, :func:`load`-ed with these options."""
+    if isinstance(dataset, Dataset):
+        return dataset
+    return load(
+        dataset,
+        data_dir=data_dir,
+        train_size=train_size,
+        test_size=test_size,
+        standardize=standardize,
+    )
 
 
 def load(

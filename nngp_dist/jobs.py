@@ -92,14 +92,7 @@ def kernel(
     conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
     config.checked()
     spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
-    if not isinstance(dataset, datasets.Dataset):
-        dataset = datasets.load(
-            dataset,
-            data_dir=data_dir,
-            train_size=train_size,
-            test_size=test_size,
-            standardize=standardize,
-        )
+    dataset = datasets.as_dataset(dataset, data_dir, train_size, test_size, standardize)
     spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device, force)
     if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
         _need_gpu()  # the embedded cluster's workers are this machine's

@@ -186,10 +186,8 @@ def sweep(
     """Score every (depth, w_var, b_var, noise) on the validation split; write table and heat map.
 
     Returns ``{"best": row, "rows": [...], "files": {...}, "seconds": s, ...}``. Noise is relative
-    to the mean of the fitted points' kernel diagonal, as in ``solve``. ``validation_size``
-    defaults to a fifth of the training set, at most 10,000.
+    to the mean of the fitted points' kernel diagonal, as in ``solve``.
     """
-    config.checked()
     depths, weight_vars, bias_vars, noises = _grid(depths, weight_vars, bias_vars, noises)
     specs = _specs(weight_vars, bias_vars, max(depths), activation, kernel)
     if heatmap_depth is not None and heatmap_depth not in depths:
@@ -265,7 +263,9 @@ def _best(rows: list[dict], select_by: str) -> tuple[dict, str]:
 
 
 def _grid(depths: Any, weight_vars: Any, bias_vars: Any, noises: Any) -> tuple[list, ...]:
-    """The grid's axes parsed: depths, weight variances, bias variances, relative noises."""
+    """The grid's axes parsed: depths, weight variances, bias variances, relative noises (and,
+    as the first of the sweep's checks, the nngp-dist config values)."""
+    config.checked()
     noise_list = parse_grid("noise", noises)
     if min(noise_list) <= 0:
         raise UserError("--noise values must be positive (relative to the mean diagonal)")
@@ -332,6 +332,8 @@ def _split(
     train_size: int | None,
     validation_size: int | None,
 ) -> _Split:
+    """The fitted points and the validation split (by default a fifth of the training set, at
+    most 10,000), checked."""
     n_all = len(ds.x_train)
     v = min(10000, n_all // 5) if validation_size is None else int(validation_size)
     n = n_all - v if train_size is None else int(train_size)
