@@ -311,3 +311,10 @@ def test_too_little_free_disk_is_refused_unless_forced(tmp_path, monkeypatch):
     store = str(tmp_path / "k.zarr")
     r = invoke("kernel", "--store", store, *SMALL, "--scheduler", "synchronous", "--force")
     assert r.exit_code == 0, r.output
+
+
+def test_a_large_row_beyond_the_first_that_overflows_float32_is_refused(tmp_path):
+    x = np.random.default_rng(9).random((300, 6))
+    x[250] = 1e20  # fine in float64; its kernel entries (~1e40) are not in float32
+    args = ["--dataset", _npz(tmp_path, x_train=x), "--dtype", "float32"]
+    _refused(tmp_path, args, "not finite in float32")
