@@ -18,13 +18,14 @@ from distributed import Client, LocalCluster
 
 from . import config
 from .errors import UserError
-from .storage import is_local, local_path
+from .storage import is_local, local_path, solve_block
 from .workers import Warmup
 
 __all__ = [
     "WORKER_ENV",
     "check_disk",
     "check_job",
+    "check_solve",
     "check_memory",
     "check_workers",
     "kernel_bytes",
@@ -271,3 +272,15 @@ def check_job(
     need = kernel_bytes(action, plan.n_train, plan.n_test, features, dtype)
     what = f"the kernel ({plan.n_train} x {plan.n_train + plan.n_test}, {dtype})"
     check_disk(url, need, what, force=force)
+
+
+def check_solve(store: Any, method: str, memory_limit: str | int | None) -> None:
+    """A solve's resources, before anything is written: the embedded workers' ``memory_limit``
+    against a block of the factorisation, and for a first Cholesky factor of the
+    :class:`~nngp_dist.storage.KernelStore` ``store`` the local disk against its size (the
+    factor and its work arrays, uncompressed: about N^2 float64 values)."""
+    meta = store.meta
+    block, n = solve_block(meta), meta["n_train"]
+    check_memory(memory_limit, tile_memory(block, 0), block)
+    if method == "cholesky" and not meta.get("factor"):
+        check_disk(store.url, 8 * n * n, f"the Cholesky factor of the {n} x {n} kernel")

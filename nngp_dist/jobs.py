@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from . import backend, config, datasets
-from .cluster import check_job, check_workers, scheduler_address, with_client, worker_memory
+from .cluster import (
+    check_job,
+    check_solve,
+    check_workers,
+    scheduler_address,
+    with_client,
+    worker_memory,
+)
 from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
@@ -234,6 +241,7 @@ def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
     opts = SolveOptions.checked(**options)
     ks = KernelStore.open(store, "r+")
     t_train, by = _solve_inputs(ks, opts)
+    check_solve(ks, opts.method, cluster.get("memory_limit"))
 
     def go(c: Any) -> dict:
         start = time.perf_counter()

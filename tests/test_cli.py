@@ -318,3 +318,20 @@ def test_a_large_row_beyond_the_first_that_overflows_float32_is_refused(tmp_path
     x[250] = 1e20  # fine in float64; its kernel entries (~1e40) are not in float32
     args = ["--dataset", _npz(tmp_path, x_train=x), "--dtype", "float32"]
     _refused(tmp_path, args, "not finite in float32")
+
+
+def test_solve_refuses_too_little_disk_or_memory_before_changing_the_store(tmp_path, monkeypatch):
+    import shutil
+
+    store = tmp_path / "k.zarr"
+    assert (
+        invoke("kernel", "--store", str(store), *SMALL, "--scheduler", "synchronous").exit_code == 0
+    )
+    before = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*"))
+    r = CliRunner().invoke(main, ["solve", "--store", str(store), "--memory-limit", "64MB"])
+    assert r.exit_code == 2 and "--memory-limit 64MB" in r.output, r.output
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    r = CliRunner().invoke(main, ["solve", "--store", str(store)])
+    assert r.exit_code == 2 and "the Cholesky factor of the 90 x 90 kernel" in r.output, r.output
+    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*")) == before
