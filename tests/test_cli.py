@@ -255,12 +255,22 @@ def test_bad_config_values_are_refused_before_an_existing_store_changes(
     assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*")) == before
 
 
-def test_tls_options_with_a_tcp_scheduler_are_refused(tmp_path, monkeypatch):
+@pytest.fixture
+def restore_dask_config():
+    """Put dask's global configuration back after a CLI call that sets TLS in it (as a CLI
+    process should): ``dask.config.set`` binds the global dictionary as a default argument, so
+    it must be restored in place, not replaced."""
     import copy
 
     import dask.config
 
-    monkeypatch.setattr(dask.config, "config", copy.deepcopy(dask.config.config))
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)
+
+
+def test_tls_options_with_a_tcp_scheduler_are_refused(tmp_path, restore_dask_config):
     files = []
     for name in ("ca.pem", "cert.pem", "key.pem"):
         (tmp_path / name).write_text("not a real certificate")
