@@ -151,8 +151,9 @@ def _closing(client: Any, cluster: Any) -> Iterator[None]:
     A client is closed before its cluster (the nesting in :func:`connect`). Comms that close
     as the processes go are logged by distributed as errors (``CommClosedError``, "Cannot
     close a running event loop" from an event loop closed on a timeout): noise after a
-    finished job. After a KeyboardInterrupt the loggers stay quiet, so that Ctrl-C ends in the
-    CLI's one-line message and not in the tracebacks of every comm torn down with the process.
+    finished job. After a KeyboardInterrupt, or a close that timed out, the loggers stay quiet,
+    so that Ctrl-C ends in the CLI's one-line message and not in the tracebacks of every comm
+    torn down with the process.
     """
     interrupted = False
     try:
@@ -162,11 +163,13 @@ def _closing(client: Any, cluster: Any) -> Iterator[None]:
         raise
     finally:
         levels = _set_levels(logging.CRITICAL + 1)
+        closed = False
         try:
             with contextlib.suppress(OSError, TimeoutError, RuntimeError):
                 (client or cluster).close(timeout=CLOSE_TIMEOUT)
+                closed = True
         finally:
-            if not interrupted:
+            if closed and not interrupted:  # else what is left is torn down at exit: quietly
                 _set_levels(levels)
 
 
