@@ -438,18 +438,22 @@ def test_status_scheduler_from_the_environment(tmp_path, monkeypatch, client):
     out = invoke("status", "--store", store).output
     assert "job:     none submitted to this scheduler" in out
     # an unreachable one from the environment is reported; given on the command line, refused
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:1")
-    monkeypatch.setenv("DASK_NNGP_DIST__CONNECT_TIMEOUT", "1s")
     import dask.config
 
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:1")
+    monkeypatch.setenv("DASK_NNGP_DIST__CONNECT_TIMEOUT", "1s")
     dask.config.refresh()
-    r = CliRunner().invoke(main, ["status", "--store", store])
-    assert (
-        r.exit_code == 0 and "job:     unknown ($DASK_SCHEDULER_ADDRESS: cannot reach" in r.output
-    )
-    assert "tiles:   13 / 13 done" in r.output
-    r = CliRunner().invoke(main, ["status", "--store", store, "--scheduler", "tcp://127.0.0.1:1"])
-    assert r.exit_code == 2 and "cannot reach" in r.output
+    try:
+        r = CliRunner().invoke(main, ["status", "--store", store])
+        assert r.exit_code == 0, r.output
+        assert "job:     unknown ($DASK_SCHEDULER_ADDRESS: cannot reach" in r.output
+        assert "tiles:   13 / 13 done" in r.output
+        args = ["status", "--store", store, "--scheduler", "tcp://127.0.0.1:1"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "cannot reach" in r.output
+    finally:  # dask's config would keep the unreachable scheduler for every later test
+        monkeypatch.undo()
+        dask.config.refresh()
     # the TLS options are cancel's own
     r = CliRunner().invoke(main, ["status", "--store", store, "--tls-ca-file", __file__])
     assert r.exit_code == 2 and "TLS needs all three" in r.output
