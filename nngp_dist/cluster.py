@@ -166,7 +166,7 @@ def _closing(client: Any, cluster: Any) -> Iterator[None]:
         closed = False
         try:
             with contextlib.suppress(OSError, TimeoutError, RuntimeError):
-                (client or cluster).close(timeout=CLOSE_TIMEOUT)
+                (client if client is not None else cluster).close(timeout=CLOSE_TIMEOUT)
                 closed = True
         finally:
             if closed and not interrupted:  # else what is left is torn down at exit: quietly
