@@ -592,3 +592,42 @@ def test_ctrl_c_is_one_line_and_the_rerun_finishes_cleanly(tmp_path):
     for noise in ("Traceback", "CommClosedError", "Cannot close a running event loop"):
         assert noise not in again.stderr, again.stderr
     assert not list(store.rglob("*.partial"))
+
+
+def test_closing_is_quiet_bounded_and_restores_logging(caplog):
+    """What a closing client logs (comms torn down) is not shown; a close that times out does
+    not fail a finished job; the loggers' levels come back after a clean close only."""
+    import logging
+
+    from nngp_dist import cluster
+
+    class Closing:
+        def __init__(self, fails):
+            self.fails, self.timeout = fails, None
+
+        def close(self, timeout=None):
+            self.timeout = timeout
+            logging.getLogger("distributed.comm").error("CommClosedError: Stream is closed")
+            if self.fails:
+                raise TimeoutError("closing took too long")
+
+    logger = logging.getLogger("distributed")
+    levels = {name: logging.getLogger(name).level for name in cluster._LOGGERS}
+    before = logger.level
+    try:
+        clean = Closing(fails=False)
+        with cluster._closing(clean, None):
+            pass
+        assert clean.timeout == cluster.CLOSE_TIMEOUT and logger.level == before
+        timed_out = Closing(fails=True)
+        with cluster._closing(None, timed_out):
+            pass
+        assert logger.level > logging.CRITICAL  # what is left is torn down at exit, quietly
+        logger.setLevel(before)
+        with pytest.raises(KeyboardInterrupt), cluster._closing(Closing(fails=False), None):
+            raise KeyboardInterrupt
+        assert logger.level > logging.CRITICAL
+        assert not [r for r in caplog.records if "CommClosedError" in r.getMessage()]
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
