@@ -504,7 +504,8 @@ def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
                 f"--{key.replace('_', '-')} configures an embedded cluster; "
                 "a detached job runs on the --scheduler's workers"
             )
-    rec = submit_job(scheduler=options.pop("scheduler"), kernel=kernel_kind, **options)
+    scheduler = options.pop("scheduler")
+    rec = submit_job(scheduler=scheduler, kernel=kernel_kind, progress=not quiet, **options)
     click.echo(
         f"job {rec['job']} running on {rec['worker']} (driver pid {rec['pid']}); log: {rec['log']}"
     )
