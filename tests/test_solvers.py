@@ -336,6 +336,7 @@ def test_killed_factorisation_resumes(tmp_path):
     assert out.returncode == 0, out.stderr
     meta = zarr.open_group(str(store)).attrs["nngp_dist"]
     assert meta["factor"]["attempts"][-1]["tiles_resumed"] >= done_before
+    assert not list(store.rglob("*.partial"))  # a killed write's temporary file does not stay
     out = subprocess.run(
         [
             sys.executable,
