@@ -44,6 +44,12 @@ def kernel(
     padding: str | None = None,
     skip_every: int | None = None,
     readout: str | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    prior_precision: float | None = None,
+    output: Any = None,
+    input_shape: Any = None,
+    trust_code: bool = False,
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -74,6 +80,10 @@ def kernel(
     architecture does not have (the conv options with fc, ``depth`` or the conv options with
     resnet32) is an error, not silently ignored.
 
+    ``arch="trained"``: the kernel of a trained PyTorch network (``model``, ``weights``,
+    ``prior_precision``, ``output``, ``input_shape`` as in :class:`~nngp_dist.kernels.Spec`);
+    a model factory ``"module:function"`` is imported only with ``trust_code=True``.
+
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
     spec, the store (a store of another spec, dataset or tile size is refused unless
     ``overwrite``), and the scheduler. Returns a summary (tiles computed and skipped, seconds).
@@ -86,8 +96,8 @@ def kernel(
     ...        train_size=500, test_size=100)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
-    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
-    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
+    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS + TRAINED_OPTIONS}
+    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv, trust_code)
     if not isinstance(dataset, datasets.Dataset):
         dataset = datasets.load(
             dataset,
@@ -169,7 +179,13 @@ def _resolve(
 
 # Which of the architecture options each architecture has; the others are refused, not ignored.
 CONV_OPTIONS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout")
-ARCH_OPTIONS = {"fc": ("depth",), "conv": ("depth", *CONV_OPTIONS), "resnet32": ()}
+TRAINED_OPTIONS = ("model", "weights", "prior_precision", "output", "input_shape")
+ARCH_OPTIONS = {
+    "fc": ("depth",),
+    "conv": ("depth", *CONV_OPTIONS),
+    "resnet32": (),
+    "trained": TRAINED_OPTIONS,
+}
 
 
 def _spec(
@@ -180,17 +196,21 @@ def _spec(
     bias_var: float,
     kernel: str,
     conv: dict,
+    trust: bool = False,
 ) -> Spec:
     """The architecture from the kernel options, refusing options ``arch`` does not have."""
     given = {k: v for k, v in {"depth": depth, **conv}.items() if v is not None}
     unused = [k for k in given if k not in ARCH_OPTIONS.get(arch, given)]
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
+        fixed = {"resnet32": "has a fixed layout", "trained": "is a trained network"}.get(
+            arch, "has no conv layers"
+        )
         one = len(unused) == 1
+        other = "trained" if set(unused) & set(TRAINED_OPTIONS) else "conv"
         raise UserError(
             f"{flags} {'does' if one else 'do'} not apply to --arch {arch}, which "
-            f"{fixed}: drop {'it' if one else 'them'} (or use --arch conv)"
+            f"{fixed}: drop {'it' if one else 'them'} (or use --arch {other})"
         )
     try:
         return Spec(
@@ -200,6 +220,7 @@ def _spec(
             bias_var=bias_var,
             kernel=kernel,
             **given,
+            trust=trust,
         )
     except ValueError as e:
         raise UserError(str(e)) from None

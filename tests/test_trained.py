@@ -216,3 +216,76 @@ def test_importing_the_package_does_not_import_torch():
     code = "import sys, nngp_dist, nngp_dist.jobs, nngp_dist.kernels; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _job_data(tmp_path):
+    from nngp_dist import datasets
+
+    rng = np.random.default_rng(4)
+    x_train, x_test = rng.normal(size=(40, 5)), rng.normal(size=(10, 5))
+    y_train, y_test = rng.integers(0, 3, 40), rng.integers(0, 3, 10)
+    return datasets.from_arrays("tiny", x_train, y_train, x_test, y_test)
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "processes"])
+def test_kernel_job_stores_the_oracle_kernel(tmp_path, scheduler):
+    from nngp_dist import jobs
+    from nngp_dist.layout import K_TEST_DIAG, K_TEST_TRAIN, K_TRAIN_DIAG, K_TRAIN_TRAIN
+    from nngp_dist.storage import KernelStore
+
+    spec, model = _factory_spec("mlp_tanh", tmp_path)
+    data = _job_data(tmp_path)
+    kw = dict(
+        dataset=data,
+        arch="trained",
+        model=spec.model,
+        weights=spec.weights,
+        prior_precision=0.5,
+        tile_size=16,
+        trust_code=True,
+        progress=False,
+    )
+    store = str(tmp_path / "k.zarr")
+    if scheduler == "synchronous":
+        summary = jobs.kernel(store, scheduler="synchronous", **kw)
+    else:
+        from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(
+                n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            summary = jobs.kernel(store, client=client, **kw)
+    assert summary["tiles_computed"] == summary["tiles_total"] > 1
+    ks = KernelStore.open(store)
+    want = oracle(model, data.x_train, data.x_train, 0.5).sum(0)
+    got = ks.read(K_TRAIN_TRAIN)
+    upper = np.triu(np.ones((40, 40), bool))
+    for i in range(0, 40, 16):  # upper tiles only
+        upper[i + 16 :, i : i + 16] = False
+    _close(got[upper], want[upper])
+    _close(ks.read(K_TEST_TRAIN), oracle(model, data.x_test, data.x_train, 0.5).sum(0))
+    _close(ks.read(K_TRAIN_DIAG), np.diag(want))
+    _close(ks.read(K_TEST_DIAG), np.einsum("cnn->n", oracle(model, data.x_test, data.x_test, 0.5)))
+    stored = ks.spec.to_dict()  # the store's identity carries the files' hashes
+    assert stored["weights_sha256"] == spec.weights_sha256
+    assert stored["model_sha256"] == spec.model_sha256
+    with pytest.raises(UserError, match="do not apply"):
+        jobs.kernel(store, scheduler="synchronous", **{**kw, "arch": "fc"}, dry_run=True)
+    # other weights: the store refuses the resume
+    with torch.no_grad():
+        model[2].weight[0, 0] += 0.1
+    torch.save(model.state_dict(), tmp_path / "w2.pt")
+    with pytest.raises(UserError):
+        jobs.kernel(store, scheduler="synchronous", **{**kw, "weights": str(tmp_path / "w2.pt")})
+
+
+def test_a_factory_from_a_store_needs_trust(tmp_path):
+    from nngp_dist import jobs
+
+    spec, _ = _factory_spec("mlp_tanh", tmp_path)
+    kw = dict(dataset=_job_data(tmp_path), arch="trained", model=spec.model, dry_run=True)
+    with pytest.raises(UserError, match="trust_code"):
+        jobs.kernel(str(tmp_path / "k.zarr"), scheduler="synchronous", **kw)
