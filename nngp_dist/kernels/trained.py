@@ -322,7 +322,9 @@ class _Layer:
         self.grads = grads
         if grads:
             torch = _torch()
-            self.m = torch.einsum("cbso,bsi->cboi", g, a).flatten(2)
+            c, b, n_s, n_o = g.shape  # per example: (C' out, S) @ (S, in), one batched GEMM
+            m = torch.bmm(g.permute(1, 0, 3, 2).reshape(b, c * n_o, n_s), a)
+            self.m = m.reshape(b, c, -1).transpose(0, 1)
             self.a = self.g = None
         else:
             self.a, self.g, self.m = a, g, None
@@ -338,7 +340,7 @@ def _positions(torch: Any, mod: Any, a: Any, z: Any) -> tuple[Any, Any]:
             a, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride
         )
         return patches.transpose(1, 2), (lambda g: g.flatten(2).transpose(1, 2))
-    return a.reshape(b, -1, a.shape[-1]), (lambda g: g.reshape(b, -1, g.shape[-1]))
+    return a.reshape(b, -1, a.shape[-1]), (lambda g: g.reshape(len(g), -1, g.shape[-1]))
 
 
 def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, Any, int]:
@@ -390,16 +392,7 @@ def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, 
                 raise UserError("the model's output does not depend differentiably on its weights")
             names = [n for n in loaded.structured if n in seen]
             zs = [seen[n][1] for n in names]
-            cot: list[list] = [[] for _ in names]
-            for c in outs if zs else ():
-                grads = torch.autograd.grad(y[:, c].sum(), zs, retain_graph=True, allow_unused=True)
-                for i, g in enumerate(grads):
-                    if g is None:
-                        raise UserError(
-                            f"module {names[i]!r} cannot be differentiated: the output does not "
-                            "depend on it through autograd (detached?)"
-                        )
-                    cot[i].append(g.detach())
+            cot = _cotangents(torch, y, zs, outs, names) if zs else []
     finally:
         for h in hooks:
             h.remove()
@@ -408,13 +401,37 @@ def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, 
         mod = loaded.structured[name]
         a = seen[name][0]
         a, layout = _positions(torch, mod, a, seen[name][1])
-        g = torch.stack([layout(gc) for gc in gs])  # (C', b, S, out)
+        g = layout(gs.flatten(0, 1)).unflatten(0, gs.shape[:2])  # (C', b, S, out)
         s, n_in, n_o = a.shape[1], a.shape[2], g.shape[-1]
         grads = n_in * n_o <= s * s * (n_in + n_o)
         gb = g.sum(2) if mod.bias is not None else None
         layers.append(_Layer(a, g, gb, grads))
     jac = _generic_jacobian(loaded, x, outs) if loaded.generic else None
     return layers, jac, n_out
+
+
+def _cotangents(torch: Any, y: Any, zs: list, outs: list[int], names: list[str]) -> list:
+    """Each layer output's cotangents for the outputs ``outs``: (C', *z.shape) per layer, from
+    one batched backward pass (one pass per output where an op has no batching rule)."""
+    seed = torch.zeros((len(outs), *y.shape), dtype=y.dtype)
+    seed[torch.arange(len(outs)), :, torch.tensor(outs)] = 1.0
+    try:
+        grads = torch.autograd.grad(
+            y, zs, seed, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:
+        per = [torch.autograd.grad(y, zs, s, retain_graph=True, allow_unused=True) for s in seed]
+        grads = tuple(
+            None if any(p[i] is None for p in per) else torch.stack([p[i] for p in per])
+            for i in range(len(zs))
+        )
+    for name, g in zip(names, grads, strict=True):
+        if g is None:
+            raise UserError(
+                f"module {name!r} cannot be differentiated: the output does not depend on it "
+                "through autograd (detached?)"
+            )
+    return [g.detach() for g in grads]
 
 
 def _generic_jacobian(loaded: Loaded, x: Any, outs: list[int]) -> Any:
@@ -523,14 +540,14 @@ def _tensor(spec: Any, x: Any) -> Any:
     return t
 
 
-def _rows(loaded: Loaded, x: Any, outs: list[int] | None) -> int:
-    """Rows per block: features of a block and the temporaries of a pair of blocks within
-    :data:`MEMORY_BUDGET` (measured on one example)."""
+def _rows(loaded: Loaded, x: Any, outs: list[int] | None) -> tuple[int, int]:
+    """Rows per block (features of a block and the temporaries of a pair of blocks within
+    :data:`MEMORY_BUDGET`) and the bytes of one example's features, measured on one example."""
     one = _features(loaded, x[:1], outs)
     per_row = max(1, _nbytes(one))
     per_pair = _pair_bytes(one) * _count(one)
     rows = min(MEMORY_BUDGET // per_row, int(np.sqrt(MEMORY_BUDGET // per_pair)))
-    return max(1, rows)
+    return max(1, rows), per_row
 
 
 def _outputs(spec: Any) -> list[int] | None:
@@ -548,9 +565,9 @@ def per_output_cross(spec: Any, x1: Any, x2: Any, *, outputs: list[int] | None =
     with loaded.lock:
         if len(t1) == 0 or len(t2) == 0:
             return np.zeros((0 if outputs is None else len(outputs), len(t1), len(t2)))
-        rows = _rows(loaded, t1, outputs)
+        rows, per_row = _rows(loaded, t1, outputs)
         blocks2 = [(c0, t2[c0 : c0 + rows]) for c0 in range(0, len(t2), rows)]
-        keep = len(t2) * _nbytes(_features(loaded, t2[:1], outputs)) <= MEMORY_BUDGET
+        keep = len(t2) * per_row <= MEMORY_BUDGET  # x2's features, kept for every row block
         cache: dict[int, tuple] = {}
         out = None
         for r0 in range(0, len(t1), rows):
@@ -586,7 +603,7 @@ def per_output_diag(spec: Any, x: Any, *, outputs: list[int] | None = None) -> A
     loaded = load(spec)
     t = _tensor(spec, x)
     with loaded.lock:
-        rows = _rows(loaded, t, outputs) if len(t) else 1
+        rows = _rows(loaded, t, outputs)[0] if len(t) else 1
         parts = []
         for r0 in range(0, len(t), rows):
             f = _features(loaded, t[r0 : r0 + rows], outputs)
