@@ -111,20 +111,23 @@ def test_a_tile_is_a_block_of_the_whole_kernel(tmp_path, monkeypatch):
     _close(spec.diag(x), np.diag(whole))
 
 
-def test_pt2_archive_and_factory_give_the_same_kernel(tmp_path):
-    spec, model = _factory_spec("mlp_tanh", tmp_path)
+@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_batchnorm", "cnn_nobias_maxpool"])
+def test_pt2_archive_and_factory_give_the_same_kernel(tmp_path, name):
+    (_, d), shape = CASES[name]
+    spec, model = _factory_spec(name, tmp_path, input_shape=shape)
     model = model.double().eval()
     ep = torch.export.export(
         model,
-        (torch.zeros(2, 5, dtype=torch.float64),),
+        (torch.zeros(2, *(shape or (d,)), dtype=torch.float64),),
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
     path = tmp_path / "m.pt2"
     torch.export.save(ep, path)
-    archive = Spec(arch="trained", model=str(path))
-    x = np.random.default_rng(3).normal(size=(6, 5))
+    archive = Spec(arch="trained", model=str(path), input_shape=shape)
+    x = np.random.default_rng(3).normal(size=(6, d))
     _close(archive.cross(x, x[:4]), spec.cross(x, x[:4]))
-    assert set(trained.paths(archive).values()) == {"generic"}
+    # the graph's linear and conv2d nodes take the structured path, as the modules do
+    assert trained.paths(archive) == trained.paths(spec)
     # evaluable from its canonical dict alone: nothing to import
     again = Spec.from_dict(archive.to_dict())
     assert again.hash == archive.hash

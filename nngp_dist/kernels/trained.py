@@ -49,7 +49,8 @@ affine parameters, custom modules) takes the generic path: the per-example Jacob
 outputs with respect to that module's parameters by ``torch.func`` (``vmap`` of ``jacrev``
 over the whole model), contracted over its parameters. :func:`paths` records the path each
 parameterised module took. A ``.pt2`` archive has no module hierarchy to hook (its layers are
-graph nodes), so all its parameters take the generic path for now.
+graph nodes): its ``aten.linear`` and ``aten.conv2d`` nodes are found in the graph instead
+(:class:`Loaded`).
 
 Memory. A tile is processed in blocks of rows: the features of a block (per structured layer
 its inputs ``A`` and cotangents ``G_c``, or its per-example weight gradients; per generic module
@@ -64,6 +65,7 @@ A module called more than once per forward pass (weights shared across calls) is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -204,22 +206,48 @@ def spec_dict(spec: Any) -> dict:
 # --- loading, once per process ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """A structured layer: dense (``conv`` False) or a 2-D convolution's geometry."""
+
+    conv: bool
+    bias: bool
+    kernel_size: tuple = ()
+    stride: tuple = ()
+    padding: tuple = ()
+    dilation: tuple = ()
+
+
 class Loaded:
-    """A loaded model (float64, evaluation mode) and how each parameterised module is treated."""
+    """A loaded model (float64, evaluation mode) and how each parameterised module is treated.
+
+    An ``nn.Module``: its ``nn.Linear`` and ``nn.Conv2d`` modules are found by type and hooked.
+    A ``torch.export`` module (a ``GraphModule`` whose layers are graph nodes): its
+    ``aten.linear`` and ``aten.conv2d`` nodes whose weight and bias are the only parameters of
+    a submodule, used by that node alone, are found in the graph and captured by running it
+    with a ``torch.fx.Interpreter``.
+    """
 
     def __init__(self, model: Any) -> None:
         torch = _torch()
         self.model = model
         self.lock = threading.Lock()  # hooks are per module: one evaluation at a time
-        self.structured: dict[str, Any] = {}  # name -> nn.Linear / nn.Conv2d
+        self.structured: dict[str, _Geometry] = {}  # name -> its layer's geometry
+        self.modules: dict[str, Any] = {}  # name -> module, for the hooks
+        self.nodes: dict[str, str] = {}  # graph node -> name (a torch.export module)
         self.generic: dict[str, Any] = {}  # name -> module with parameters of its own
-        graph = isinstance(model, torch.fx.GraphModule)
+        if isinstance(model, torch.fx.GraphModule):
+            for node, (name, geometry) in _graph_layers(torch, model).items():
+                self.nodes[node] = name
+                self.structured[name] = geometry
         for name, mod in model.named_modules():
-            if not list(mod.parameters(recurse=False)):
+            if not list(mod.parameters(recurse=False)) or name in self.structured:
                 continue
-            if not graph and _structured(torch, mod):
-                self.structured[name] = mod
-            else:
+            geometry = None if self.nodes else _module_geometry(torch, mod)
+            if geometry is not None:
+                self.structured[name] = geometry
+            self.modules[name] = mod
+            if geometry is None:
                 self.generic[name] = mod
         if not self.structured and not self.generic:
             raise UserError("the model has no parameters: its kernel is zero")
@@ -234,18 +262,66 @@ class Loaded:
         }
 
 
-def _structured(torch: Any, mod: Any) -> bool:
+def _module_geometry(torch: Any, mod: Any) -> _Geometry | None:
+    """A structured layer's geometry, or None for a module of the generic path."""
     nn = torch.nn
     if type(mod) is nn.Linear:
-        return True
+        return _Geometry(False, mod.bias is not None)
     if type(mod) is nn.Conv2d:
         pad = mod.padding
-        return (
-            mod.groups == 1
-            and mod.padding_mode == "zeros"
-            and (pad == "valid" or not isinstance(pad, str))
+        if mod.groups != 1 or mod.padding_mode != "zeros" or pad == "same":
+            return None
+        pad = (0, 0) if pad == "valid" else tuple(pad)
+        return _Geometry(True, mod.bias is not None, mod.kernel_size, mod.stride, pad, mod.dilation)
+    return None
+
+
+def _graph_layers(torch: Any, gm: Any) -> dict[str, tuple[str, _Geometry]]:
+    """Graph node -> (owner module, geometry) for the structured layers of an exported model."""
+    aten = torch.ops.aten
+    if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
+        return {}  # captured by running the graph on the one input tensor
+    found: dict[str, tuple[str, _Geometry]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (aten.linear.default, aten.conv2d.default):
+            continue
+        conv = n.target is aten.conv2d.default
+        args = list(n.args) + [None] * (7 - len(n.args))
+        w, b = args[1], args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        attrs = [w] + ([b] if b is not None else [])
+        if n.kwargs and set(n.kwargs) != {"bias"}:
+            continue
+        if any(getattr(t, "op", None) != "get_attr" or len(t.users) != 1 for t in attrs):
+            continue
+        owners = {t.target.rpartition(".")[0] for t in attrs}
+        owner = owners.pop()
+        if owners or not owner:
+            continue
+        own = {f"{owner}.{k}" for k, _ in gm.get_submodule(owner).named_parameters(recurse=False)}
+        if own != {t.target for t in attrs} or owner in {o for o, _ in found.values()}:
+            continue
+        if not conv:
+            found[n.name] = (owner, _Geometry(False, b is not None))
+            continue
+        stride, padding, dilation, groups = (
+            args[3] or [1, 1],
+            args[4] or [0, 0],
+            args[5] or [1, 1],
+            args[6] or 1,
         )
-    return False
+        weight = gm.get_parameter(w.target)
+        if groups != 1 or weight.ndim != 4:
+            continue
+        geometry = _Geometry(
+            True,
+            b is not None,
+            tuple(weight.shape[2:]),
+            tuple(stride),
+            tuple(padding),
+            tuple(dilation),
+        )
+        found[n.name] = (owner, geometry)
+    return found
 
 
 @functools.lru_cache(maxsize=4)
@@ -331,13 +407,12 @@ class _Layer:
         self.gb = gb
 
 
-def _positions(torch: Any, mod: Any, a: Any, z: Any) -> tuple[Any, Any]:
+def _positions(torch: Any, geo: _Geometry, a: Any) -> tuple[Any, Any]:
     """The layer's input positions (b, S, in) and its output's (b, S, out) layout."""
     b = a.shape[0]
-    if isinstance(mod, torch.nn.Conv2d):
-        pad = 0 if mod.padding == "valid" else mod.padding
+    if geo.conv:
         patches = torch.nn.functional.unfold(
-            a, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride
+            a, geo.kernel_size, dilation=geo.dilation, padding=geo.padding, stride=geo.stride
         )
         return patches.transpose(1, 2), (lambda g: g.flatten(2).transpose(1, 2))
     return a.reshape(b, -1, a.shape[-1]), (lambda g: g.reshape(len(g), -1, g.shape[-1]))
@@ -363,11 +438,11 @@ def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, 
 
         return capture
 
-    for name, mod in {**loaded.structured, **loaded.generic}.items():
+    for name, mod in loaded.modules.items():
         hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.enable_grad():
-            y = model(x)
+            y = _run_graph(torch, loaded, x, seen) if loaded.nodes else model(x)
             if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != x.shape[0]:
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise UserError(
@@ -398,16 +473,39 @@ def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, 
             h.remove()
     layers = []
     for name, gs in zip(names, cot, strict=True):
-        mod = loaded.structured[name]
-        a = seen[name][0]
-        a, layout = _positions(torch, mod, a, seen[name][1])
+        geo = loaded.structured[name]
+        a, layout = _positions(torch, geo, seen[name][0])
         g = layout(gs.flatten(0, 1)).unflatten(0, gs.shape[:2])  # (C', b, S, out)
         s, n_in, n_o = a.shape[1], a.shape[2], g.shape[-1]
         grads = n_in * n_o <= s * s * (n_in + n_o)
-        gb = g.sum(2) if mod.bias is not None else None
+        gb = g.sum(2) if geo.bias else None
         layers.append(_Layer(a, g, gb, grads))
     jac = _generic_jacobian(loaded, x, outs) if loaded.generic else None
     return layers, jac, n_out
+
+
+def _run_graph(torch: Any, loaded: Loaded, x: Any, seen: dict) -> Any:
+    """Run an exported model's graph on ``x``, capturing its structured layers' inputs and
+    outputs into ``seen`` (as the hooks do for an ``nn.Module``)."""
+    from torch.utils import _pytree
+
+    nodes = loaded.nodes
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n.name not in nodes:
+                return out
+            seen[nodes[n.name]] = [self.env[n.args[0]].detach().clone(), out]
+            return out.clone()  # an in-place op downstream must not change the captured output
+
+    gm = loaded.model
+    res = Capture(gm).run(x)
+    flat = list(res) if isinstance(res, (tuple, list)) else [res]
+    spec = getattr(gm, "_out_spec", None)
+    if spec is not None:
+        return _pytree.tree_unflatten(flat, spec)
+    return flat[0] if len(flat) == 1 else res
 
 
 def _cotangents(torch: Any, y: Any, zs: list, outs: list[int], names: list[str]) -> list:
