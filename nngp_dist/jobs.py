@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, config, datasets
+from . import backend, config, datasets, laplace
 from .cluster import scheduler_address, with_client, worker_memory
 from .compute import compute_kernel, probe
 from .errors import UserError
@@ -50,6 +50,8 @@ def kernel(
     output: Any = None,
     input_shape: Any = None,
     trust_code: bool = False,
+    likelihood: str | None = None,
+    sigma: float | None = None,
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -68,8 +70,7 @@ def kernel(
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
 
-    ``dataset`` is a name (see :func:`nngp_dist.datasets.load`) or a
-    :class:`~nngp_dist.datasets.Dataset` (:func:`~nngp_dist.datasets.from_arrays`). With
+    ``dataset`` is a name (:func:`nngp_dist.datasets.load`) or a ``Dataset``. With
     ``replace_test``, a store of the same spec and training set but another test set keeps its
     training kernel (and factor and solution) and gets the new test set's tiles.
 
@@ -77,12 +78,11 @@ def kernel(
     ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`, whose
     defaults apply where they are None) take the images' shape from the dataset, and without
     ``tile_size`` get one chosen by :func:`~nngp_dist.tiling.image_tile_size`. An option the
-    architecture does not have (the conv options with fc, ``depth`` or the conv options with
-    resnet32) is an error, not silently ignored.
+    architecture does not have is an error, not silently ignored.
 
-    ``arch="trained"``: the kernel of a trained PyTorch network (``model``, ``weights``,
-    ``prior_precision``, ``output``, ``input_shape`` as in :class:`~nngp_dist.kernels.Spec`);
-    a model factory ``"module:function"`` is imported only with ``trust_code=True``.
+    ``arch="trained"``: a trained PyTorch network's kernel (options as in ``Spec``; a factory
+    is imported only with ``trust_code``); ``likelihood`` and ``sigma`` are checked against
+    the network and labels (:func:`nngp_dist.laplace.check_inputs`) before anything is written.
 
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
     spec, the store (a store of another spec, dataset or tile size is refused unless
@@ -92,21 +92,15 @@ def kernel(
 
     Examples
     --------
-    >>> kernel("demo.zarr", dataset="demo", depth=3, weight_var=1.45, bias_var=0.28,
-    ...        train_size=500, test_size=100)  # doctest: +SKIP
+    >>> kernel("demo.zarr", dataset="demo", depth=3, train_size=500)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
     conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS + TRAINED_OPTIONS}
     spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv, trust_code)
-    if not isinstance(dataset, datasets.Dataset):
-        dataset = datasets.load(
-            dataset,
-            data_dir=data_dir,
-            train_size=train_size,
-            test_size=test_size,
-            standardize=standardize,
-        )
+    dataset = _dataset(dataset, data_dir, train_size, test_size, standardize)
     spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device)
+    if likelihood is not None or sigma is not None:
+        laplace.check_inputs(spec, data, likelihood, sigma)
     if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
         _need_gpu()  # the embedded cluster's workers are this machine's
     store = normalize_url(store)
@@ -118,6 +112,25 @@ def kernel(
 
     job = functools.partial(_fill, store, action, meta, data, plan, spec, device, progress)
     return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
+
+
+def _dataset(
+    dataset: str | datasets.Dataset,
+    data_dir: str | None,
+    train_size: int | None,
+    test_size: int | None,
+    standardize: bool,
+) -> datasets.Dataset:
+    """The dataset: given, or loaded by name (:func:`nngp_dist.datasets.load`)."""
+    if isinstance(dataset, datasets.Dataset):
+        return dataset
+    return datasets.load(
+        dataset,
+        data_dir=data_dir,
+        train_size=train_size,
+        test_size=test_size,
+        standardize=standardize,
+    )
 
 
 def _fill(
@@ -406,7 +419,9 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
 
 
 def run(store: str, *, progress: bool = True, **options: Any) -> dict:
-    """Kernel, solve and predict in one go on one cluster; returns the predict report.
+    """Kernel, solve and predict in one go on one cluster; returns the predict report. With
+    ``likelihood`` (a trained network), the Laplace-GP posterior of :mod:`nngp_dist.laplace`
+    instead of the solve and predict stages (whose noise options do not apply to it).
 
     ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
     checked before the kernel is computed, not after.
@@ -417,9 +432,14 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     PredictOptions.checked(**predict_kw)
     if cluster.get("scheduler") == "synchronous":
         cluster["scheduler"] = None
+    post = {k: kernel_kw.get(k) for k in ("likelihood", "sigma", "trust_code")}
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_kw)
+        if post["likelihood"] is not None:  # a trained network's Laplace-GP posterior
+            return laplace.posterior(
+                store, client=c, progress=progress, json_path=predict_kw.get("json_path"), **post
+            )
         solve(store, client=c, progress=progress, **solve_kw)
         return predict(store, client=c, progress=progress, **predict_kw)
 

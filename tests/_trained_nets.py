@@ -98,3 +98,11 @@ class _Shared(nn.Module):
 
 def shared() -> nn.Module:
     return _Shared()
+
+
+def mlp_small_regression() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def mlp_small_classifier() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))

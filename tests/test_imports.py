@@ -135,6 +135,7 @@ LAYERS = (
         "nngp_dist.figures",
         "nngp_dist.detached",
         "nngp_dist.estimator",
+        "nngp_dist.laplace",
     ),
     (
         "nngp_dist.compute",
@@ -153,6 +154,7 @@ LAYERS = (
         "nngp_dist.backend",
         "nngp_dist.config",
         "nngp_dist.errors",
+        "nngp_dist.likelihoods",
         "nngp_dist._version",
     ),
 )

@@ -86,6 +86,7 @@ __all__ = [
     "cross",
     "diag",
     "load",
+    "network_outputs",
     "paths",
     "per_output_cross",
     "per_output_diag",
@@ -353,6 +354,7 @@ def _load(model: str, weights: str | None, msha: str, wsha: str | None, trust: b
                 f"model {model!r} is not a torch.export archive ({type(e).__name__}: {e}); save "
                 "one with torch.export.save(torch.export.export(model.eval(), (x,)), path)"
             ) from None
+    net = net.double()  # before the weights: float64 weights keep their precision
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -722,3 +724,36 @@ def diag(spec: Any, x: Any) -> np.ndarray:
     """The stored kernel's diagonal ``k(x, x)`` for each row of ``x``."""
     k = per_output_diag(spec, x, outputs=_outputs(spec))
     return k.sum(axis=0) if spec.output == "trace" else k[0]
+
+
+def network_outputs(spec: Any, x: Any, *, jvp: bool = True) -> tuple[np.ndarray, Any]:
+    """The network at its weights ``w*``: ``f(x)`` (n, C) and, with ``jvp``, ``J(x) w*`` (n, C),
+    its Jacobian applied to its own weights (one forward-mode JVP with the weights as tangent),
+    which the transformed targets ``J w* - Lambda^-1 r`` of the Laplace-GP need; NumPy float64,
+    in blocks of rows. ``J`` is over every parameter, as the kernel's is."""
+    torch = _torch()
+    loaded = load(spec)
+    model = loaded.model
+    t = _tensor(spec, x)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def f(p: dict, xb: Any) -> Any:
+        return torch.func.functional_call(model, (p, buffers), (xb,))
+
+    fs, jws = [], []
+    with loaded.lock:
+        for r0 in range(0, len(t), 1024):
+            xb = t[r0 : r0 + 1024]
+            if jvp:
+                y, jw = torch.func.jvp(lambda p, xb=xb: f(p, xb), (params,), (params,))
+                jws.append(jw.detach().numpy())
+            else:
+                with torch.no_grad():
+                    y = f(params, xb)
+            if not isinstance(y, torch.Tensor) or y.ndim != 2:
+                raise UserError("the model's output must be (n, C) for n inputs")
+            fs.append(y.detach().numpy())
+    if not fs:
+        return np.zeros((0, 0)), (np.zeros((0, 0)) if jvp else None)
+    return np.concatenate(fs), (np.concatenate(jws) if jvp else None)
