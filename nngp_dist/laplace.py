@@ -109,8 +109,9 @@ def _checked(ks: KernelStore, likelihood: str, sigma: Any, trust: bool) -> tuple
 
 def output_store(ks: KernelStore, spec: Spec, c: int, client: Any, progress: bool) -> KernelStore:
     """The kernel store of output ``c`` (``outputs/<c>``): created, or resumed when its
-    identity matches (else made anew: it is derived from the store, whose identity was
-    checked), its missing tiles computed."""
+    identity matches, its test set replaced when only that differs (as the store's own may
+    have been), else made anew (it is derived from the store, whose identity was checked);
+    its missing tiles computed."""
     meta = ks.meta
     spec_c = dataclasses.replace(spec, output=c)
     data = from_arrays(
@@ -119,7 +120,7 @@ def output_store(ks: KernelStore, spec: Spec, c: int, client: Any, progress: boo
     url = f"{ks.url}/{OUTPUTS}/{c}"
     ident = KernelStore.identity(spec_c, data, meta["tile_size"], meta["dtype"])
     try:
-        action = KernelStore.check(url, ident)
+        action = KernelStore.check(url, ident, replace_test=True)
     except StoreMismatch:
         action = "create"
     if action == "create":
@@ -127,6 +128,8 @@ def output_store(ks: KernelStore, spec: Spec, c: int, client: Any, progress: boo
         sub = KernelStore.create(url, ident, data, plan)
     else:
         sub = KernelStore.open(url, "r+")
+        if action == "replace-test":  # a new test set: the training kernel and factor stay
+            sub.replace_test(data)
     compute_kernel(sub, client=client, progress=progress, spec=spec_c)
     return sub
 

@@ -136,6 +136,7 @@ LAYERS = (
         "nngp_dist.detached",
         "nngp_dist.estimator",
         "nngp_dist.laplace",
+        "nngp_dist.laplace_estimator",
     ),
     (
         "nngp_dist.compute",

@@ -447,3 +447,32 @@ main(["run", "--store", {store!r}, "--dataset", {dataset!r}, "--arch", "trained"
     assert out.returncode == 2, out.stderr
     assert "pip install 'nngp_dist[torch]'" in out.stderr
     assert not os.path.exists(store)
+
+
+def test_estimators_equal_the_weight_space_oracle(tmp_path, client):
+    from nngp_dist.laplace_estimator import LaplaceGPClassifier, LaplaceGPRegressor
+    from tests import _trained_nets as nets
+
+    x_train, x_test = _laplace_torch_data(n=30, m=5, seed=2)
+    y_class = (x_train[:, 0] > 0).astype(int) + (x_train[:, 2] > 0.5).astype(int)
+    torch.manual_seed(2)
+    model = nets.mlp_small_classifier().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    clf = LaplaceGPClassifier(model, prior_precision=1.5, tile_size=16, client=client)
+    probs = clf.fit(x_train, y_class).predict_proba(x_test)
+    mean, var, lml = weight_space(model, x_train, y_class, x_test, 1.5, "classification")
+    assert np.abs(probs - likelihoods.probit(mean, var)).max() < 1e-10
+    assert clf.log_marginal_likelihood_ == pytest.approx(lml, rel=1e-8)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert list(clf.predict(x_test)) == list(probs.argmax(1))
+    y_reg = np.sin(x_train[:, 0])
+    reg = LaplaceGPRegressor(
+        nets.mlp_small_regression().double(), prior_precision=0.5, sigma=0.3, client=client
+    )
+    model = reg.model
+    got, std = reg.fit(x_train, y_reg).predict(x_test, return_std=True)
+    mean, var, _ = weight_space(model, x_train, y_reg, x_test, 0.5, "regression", 0.3)
+    assert np.abs(got - mean[:, 0]).max() < 1e-12
+    assert np.abs(std**2 - var[:, 0]).max() < 1e-8 * var.max()
+    with pytest.raises(UserError, match="not fitted"):
+        LaplaceGPRegressor(model).predict(x_test)
