@@ -69,7 +69,10 @@ __all__ = ["check_inputs", "lml_grid", "output_store", "posterior", "scores"]
 
 def check_inputs(spec: Spec, data: Any, likelihood: str | None, sigma: Any) -> None:
     """Before anything is written: the likelihood's options, the architecture, and the labels
-    against the network's output count (evaluated on two training inputs)."""
+    against the network's output count (evaluated on two training inputs). Neither given:
+    nothing to check."""
+    if likelihood is None and sigma is None:
+        return
     if likelihood not in likelihoods.LIKELIHOODS:
         raise UserError(f"--likelihood must be regression or classification, got {likelihood!r}")
     if spec.arch != "trained":
