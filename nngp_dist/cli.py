@@ -317,6 +317,13 @@ laplace_options = _options(
         show_default="1",
         help="--likelihood regression: the noise's standard deviation.",
     ),
+    click.option(
+        "--samples",
+        type=click.IntRange(min=1),
+        default=None,
+        help="--likelihood classification: class probabilities by Monte Carlo over this many "
+        "draws of the logits [default: the probit approximation].",
+    ),
 )
 
 

@@ -424,6 +424,7 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     if cluster.get("scheduler") == "synchronous":
         cluster["scheduler"] = None
     post = {k: kernel_kw.get(k) for k in ("likelihood", "sigma", "trust_code")}
+    post["samples"] = kernel_kw.pop("samples", None)
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_kw)

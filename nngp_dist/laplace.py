@@ -165,6 +165,7 @@ def posterior(
     sigma: float | None = None,
     trust_code: bool = False,
     json_path: str | None = None,
+    samples: int | None = None,
     progress: bool = True,
     **options: Any,
 ) -> dict:
@@ -178,11 +179,17 @@ def posterior(
     ``accuracy`` and ``ece`` (15 bins) of the probit probabilities, the MAP network's own
     ``map_accuracy``, ``map_nll``, ``map_ece`` (classification); ``mse`` and ``nll`` of the
     predictive ``N(mean, variance + sigma^2)`` and the MAP's ``map_nll`` with ``sigma^2``
-    alone (regression). ``options``: those of :class:`~nngp_dist.options.ClusterOptions`.
+    alone (regression). With ``samples``, classification's probabilities are the Monte Carlo
+    average of the softmax over that many draws of the logits instead of the probit
+    approximation. ``options``: those of :class:`~nngp_dist.options.ClusterOptions`.
     """
     cluster = take(options, ClusterOptions)
     if options:
         raise TypeError(f"unexpected options {sorted(options)}")
+    if samples is not None and (
+        isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1
+    ):
+        raise UserError(f"samples must be a positive integer, got {samples!r}")
     ks = KernelStore.open(store, "r+")
     spec, sig = _checked(ks, likelihood, sigma, trust_code)
     f_test, lam, y_tilde = _network_terms(ks, spec, likelihood, sig)
@@ -208,7 +215,7 @@ def posterior(
             "prior_precision": spec.prior_precision,
             "sigma": sig if likelihood == "regression" else None,
             "log_marginal_likelihood": lml if math.isfinite(lml) else None,
-            **scores(likelihood, f_test, var, y_test, sig),
+            **scores(likelihood, f_test, var, y_test, sig, samples),
             "n_train": len(y_tilde),
             "n_test": len(y_test),
             "seconds": round(time.perf_counter() - start, 3),
@@ -244,12 +251,21 @@ def _network_terms(
 
 
 def scores(
-    likelihood: str, mean: np.ndarray, var: np.ndarray, y: np.ndarray, sigma: float = 1.0
+    likelihood: str,
+    mean: np.ndarray,
+    var: np.ndarray,
+    y: np.ndarray,
+    sigma: float = 1.0,
+    samples: int | None = None,
 ) -> dict:
     """The report's scores of a posterior ``mean``, ``var`` (M, C) against the labels ``y``,
-    and of the MAP network (whose outputs are ``mean``) alone."""
+    and of the MAP network (whose outputs are ``mean``) alone; class probabilities by the
+    probit approximation, or Monte Carlo with ``samples`` draws."""
     if likelihood == "classification":
-        probs = likelihoods.probit(mean, var)
+        if samples:
+            probs = likelihoods.monte_carlo(mean, var, int(samples))
+        else:
+            probs = likelihoods.probit(mean, var)
         map_probs = likelihoods.softmax(mean)
         return {
             "accuracy": float((probs.argmax(1) == y).mean()),

@@ -33,6 +33,7 @@ __all__ = [
     "check_targets",
     "ece",
     "gaussian_nll",
+    "monte_carlo",
     "nll",
     "probit",
     "softmax",
@@ -99,6 +100,22 @@ def probit(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """Class probabilities by the probit approximation (MacKay 1992):
     ``softmax(mean / sqrt(1 + pi/8 var))`` per test point, ``var`` per output."""
     return softmax(mean / np.sqrt(1.0 + math.pi / 8.0 * var))
+
+
+def monte_carlo(mean: np.ndarray, var: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """Class probabilities as the Monte Carlo average of the softmax over ``samples`` draws of
+    independent Gaussian logits ``N(mean, var)`` per output (seeded: reproducible), in blocks
+    of test points so that memory stays ``samples x block x C``."""
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(mean)
+    block = max(1, (1 << 22) // max(samples * mean.shape[1], 1))
+    for r in range(0, len(mean), block):
+        m, s = mean[r : r + block], np.sqrt(var[r : r + block])
+        z = m + s * rng.standard_normal((samples, *m.shape))
+        z -= z.max(axis=2, keepdims=True)
+        e = np.exp(z)
+        out[r : r + block] = (e / e.sum(axis=2, keepdims=True)).mean(axis=0)
+    return out
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:

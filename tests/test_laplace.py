@@ -292,6 +292,8 @@ def test_bad_input_is_refused(tmp_path, client):
         laplace.posterior(store, likelihood="classification", sigma=0.5, **kw)
     with pytest.raises(UserError, match="--likelihood"):
         laplace.posterior(store, likelihood="poisson", **kw)
+    with pytest.raises(UserError, match="samples must be a positive integer"):
+        laplace.posterior(store, likelihood="classification", samples=0, **kw)
     assert not KernelStore.open(store).has(OUTPUTS)  # nothing written
 
 
@@ -347,7 +349,7 @@ def test_cli_run_classification_and_regression(tmp_path):
     _, weights = _net("mlp_tanh", tmp_path)
     labels = _npz(tmp_path, np.arange(20) % 3, np.arange(6) % 3)
     store, args = _run_args(tmp_path, weights, labels, "--likelihood", "classification")
-    r = _cli(*args, "--prior-precision", "2", "--json", str(tmp_path / "r.json"))
+    r = _cli(*args, "--prior-precision", "2", "--samples", "50", "--json", str(tmp_path / "r.json"))
     assert r.exit_code == 0, r.output
     for key in ("accuracy:", "nll:", "ece:", "map_accuracy:", "map_nll:", "map_ece:"):
         assert key in r.output
@@ -476,3 +478,23 @@ def test_estimators_equal_the_weight_space_oracle(tmp_path, client):
     assert np.abs(std**2 - var[:, 0]).max() < 1e-8 * var.max()
     with pytest.raises(UserError, match="not fitted"):
         LaplaceGPRegressor(model).predict(x_test)
+
+
+def test_monte_carlo_probabilities_against_quadrature():
+    # two classes, independent Gaussian logits: E[softmax] by 2-D Gauss-Hermite quadrature
+    mean = np.array([[1.0, -0.5], [0.2, 0.3]])
+    var = np.array([[2.0, 0.5], [0.1, 3.0]])
+    t, w = np.polynomial.hermite_e.hermegauss(60)
+    w = w / w.sum()
+    for i in range(2):
+        a = mean[i, 0] + np.sqrt(var[i, 0]) * t[:, None]
+        b = mean[i, 1] + np.sqrt(var[i, 1]) * t[None, :]
+        want = (w[:, None] * w[None, :] / (1 + np.exp(b - a))).sum()
+        got = likelihoods.monte_carlo(mean[i : i + 1], var[i : i + 1], 200_000, seed=i)[0, 0]
+        assert abs(got - want) < 4e-3  # a few standard errors of 200,000 draws
+    assert likelihoods.monte_carlo(mean, var, 10).sum(axis=1) == pytest.approx(1.0)
+    y = np.array([0, 1])
+    mc = laplace.scores("classification", mean, var, y, samples=200_000)
+    probs = likelihoods.monte_carlo(mean, var, 200_000)
+    assert mc["nll"] == pytest.approx(likelihoods.nll(probs, y))
+    assert mc["nll"] != laplace.scores("classification", mean, var, y)["nll"]
