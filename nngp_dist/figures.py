@@ -94,7 +94,7 @@ def store_caption(meta: dict) -> str:
         f"{meta['dataset']}, N = {meta['n_train']:,} train / {meta['n_test']:,} test; "
         f"{net} {spec['activation']['name']} {spec['kernel'].upper()}, "
         f"$\\sigma_w^2$ = {spec['weight_var']:g}, $\\sigma_b^2$ = {spec['bias_var']:g}"
-        + ("" if noise is None else f", noise {noise:g} (relative to the mean diagonal)")
+        + ("" if noise is None else f", relative noise {noise:g}")
     )
 
 
@@ -262,8 +262,14 @@ def _calibration_png(store: KernelStore, path: str, bins: int) -> tuple[str, lis
     ax.plot(grid, grid, color="0.5", lw=1, label="calibrated (realised = predicted)")
     ax.plot(v, e, "o-", ms=4, label=f"{len(cal)} equal-count bins of test points")
     if lo > 0:
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel(
@@ -308,7 +314,7 @@ def _kernel_png(store: KernelStore, path: str, sample: int) -> str:
     labels = y.dtype.kind in "iu"
     order = np.argsort(y, kind="stable") if labels else np.arange(s)
     corr = (k / d[:, None] / d[None, :])[np.ix_(order, order)]
-    fig, ax = plt.subplots(figsize=(6.4, 5.8))
+    fig, ax = plt.subplots(figsize=(5.8, 5.3))
     im = ax.imshow(corr, cmap="magma", interpolation="nearest")
     if labels:
         ys = y[order]

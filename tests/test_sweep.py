@@ -248,7 +248,7 @@ def test_captions_and_class_names(finished_store):
     caption = store_caption(KernelStore.open(str(finished_store)).meta)
     for part in ("demo", "N = 300 train / 120 test", "fc depth 2 relu NNGP", "1.6", "0.2"):
         assert part in caption
-    assert "noise 0.01" in caption
+    assert "relative noise 0.01" in caption
     assert datasets.class_names("fashion-mnist", [0, 9, 6]) == [
         "T-shirt/top",
         "Ankle boot",
