@@ -742,17 +742,21 @@ def sweep(quiet: bool, **options: Any) -> None:
 
 @main.command()
 @store_option
-@click.option("--out", required=True, help="Folder for the PNGs.")
-@click.option("--sweep", default=None, help="A sweep.json from nngp-dist sweep (heat map).")
-@click.option(
-    "--sizes",
-    default=None,
-    help="Training-set sizes of the learning curve [default: 1000,2000,5000,10000,20000,50000].",
+@_section(
+    OUTPUT,
+    click.option("--out", required=True, help="Folder for the PNGs."),
+    click.option("--sweep", default=None, help="A sweep.json from nngp-dist sweep (heat map)."),
+    click.option(
+        "--sizes",
+        default=None,
+        help="Training-set sizes of the learning curve "
+        "[default: 1000,2000,5000,10000,20000,50000].",
+    ),
+    click.option(
+        "--sample", type=int, default=500, show_default=True, help="Points in the kernel heat map."
+    ),
+    click.option("--bins", type=int, default=20, show_default=True, help="Calibration bins."),
 )
-@click.option(
-    "--sample", type=int, default=500, show_default=True, help="Points in the kernel heat map."
-)
-@click.option("--bins", type=int, default=20, show_default=True, help="Calibration bins.")
 @_user_errors
 def figures(sizes: str | None, **options: Any) -> None:
     """PNGs of a finished store: calibration, kernel by class, learning curve, sweep heat map."""
