@@ -17,6 +17,7 @@ from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
 from .layout import ALPHA, Y_TEST, Y_TRAIN
+from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, integer, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
 from .select import check_options, noise_grid
@@ -75,10 +76,9 @@ def kernel(
     resnet32) is an error, not silently ignored.
 
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
-    spec, the store (a store of another spec, dataset or tile size is refused unless
-    ``overwrite``), and the scheduler. Returns a summary (tiles computed and skipped, seconds).
-    Pass ``client`` (a ``distributed.Client``) to use it instead of connecting. ``dry_run``
-    stops after the checks (nothing is written, no cluster is contacted).
+    spec, the store (one of another spec, dataset or tile size is refused unless ``overwrite``;
+    one another job writes, always), the scheduler. Returns a summary (tiles computed, skipped,
+    seconds). ``client``: a ``distributed.Client`` to use; ``dry_run``: only check, write none.
 
     Examples
     --------
@@ -105,14 +105,15 @@ def kernel(
     plan = TilePlan(len(data.x_train), len(data.x_test), tile_size)
     if dry_run:
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
-
-    job = functools.partial(_fill, store, action, meta, data, plan, spec, device, progress)
-    return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
+    with store_lock(store, "kernel"):  # one writer per store; _fill decides again under it
+        how = {"overwrite": overwrite, "replace_test": replace_test}
+        job = functools.partial(_fill, store, how, meta, data, plan, spec, device, progress)
+        return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
 
 
 def _fill(
     store: str,
-    action: str,
+    how: dict,
     meta: dict,
     data: datasets.Dataset,
     plan: TilePlan,
@@ -121,8 +122,10 @@ def _fill(
     progress: bool,
     c: Any,
 ) -> dict:
-    """Create, resume or replace the test set of the store as ``action`` says, then compute
-    its missing tiles with client ``c`` (None: in this process)."""
+    """Create, resume or replace the test set of the store as :meth:`KernelStore.check` decides
+    with the options ``how`` (under the store's lock), then compute its missing tiles with client
+    ``c`` (None: in this process)."""
+    action = KernelStore.check(store, meta, **how)
     if c is not None and progress:
         print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
     if action == "create":
@@ -229,7 +232,13 @@ def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
     """
     cluster = take(options, ClusterOptions)
     opts = SolveOptions.checked(**options)
-    ks = KernelStore.open(store, "r+")
+    KernelStore.open(store)  # a clear error if there is no store, before the lock
+    with store_lock(store, "solve"):
+        ks = KernelStore.open(store, "r+")
+        return _solve(ks, opts, progress, cluster)
+
+
+def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -> dict:
     t_train, by = _solve_inputs(ks, opts)
 
     def go(c: Any) -> dict:
@@ -341,7 +350,15 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
     """
     cluster = take(options, ClusterOptions)
     opts = PredictOptions.checked(**options)
-    ks = KernelStore.open(store, "r+")
+    KernelStore.open(store)  # a clear error if there is no store, before the lock
+    with store_lock(store, "predict"):
+        return _predict(KernelStore.open(store, "r+"), opts, score, progress, cluster)
+
+
+def _predict(
+    ks: KernelStore, opts: PredictOptions, score: bool, progress: bool, cluster: dict
+) -> dict:
+    store = ks.url
     if ks.status()["stage"] not in ("solved", "predict", "done"):
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
 
@@ -388,7 +405,7 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     """Kernel, solve and predict in one go on one cluster; returns the predict report.
 
     ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
-    checked before the kernel is computed, not after.
+    checked before the kernel is computed, not after. The store's lock is held throughout.
     """
     cluster = take(options, ClusterOptions)
     solve_kw, predict_kw, kernel_kw = _split(options)
@@ -402,7 +419,9 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
         solve(store, client=c, progress=progress, **solve_kw)
         return predict(store, client=c, progress=progress, **predict_kw)
 
-    return with_client(go, **cluster)
+    KernelStore.check_location(store)  # a store path that can never be one: before the lock
+    with store_lock(store, "run"):
+        return with_client(go, **cluster)
 
 
 def check_run(store: str, **options: Any) -> dict:
@@ -410,7 +429,9 @@ def check_run(store: str, **options: Any) -> dict:
     solve_kw, predict_kw, kernel_kw = _split(options)
     SolveOptions.checked(**solve_kw)
     PredictOptions.checked(**predict_kw)
-    return kernel(store, dry_run=True, **kernel_kw)
+    checked = kernel(store, dry_run=True, **kernel_kw)
+    check_free(store)  # a store another job writes
+    return checked
 
 
 def _split(options: dict) -> tuple[dict, dict, dict]:

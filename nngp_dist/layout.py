@@ -18,12 +18,14 @@ __all__ = [
     "CHOL",
     "CHOL_STEP",
     "CHOL_WORK",
+    "CREATING",
     "DIMS",
     "K_TEST_DIAG",
     "K_TEST_TRAIN",
     "K_TRAIN_DIAG",
     "K_TRAIN_TRAIN",
     "KERNEL_ARRAYS",
+    "LOCK",
     "MEAN",
     "PREDICT",
     "RECORDS",
@@ -53,6 +55,12 @@ MEAN, VARIANCE = "mean", "variance"
 # updates each factor tile has received) and PREDICT (one per block of test points).
 RECORDS = "tiles"
 CHOL_STEP, PREDICT = "chol_step", "predict"
+
+
+# Files at the store's root that are not arrays (zarr and xarray ignore them): the lease of the one
+# process that may write the store (nngp_dist.lock), and the marker of a creation in progress,
+# written before anything else of a new store and removed after its identity is complete.
+LOCK, CREATING = ".nngp-dist-lock", ".nngp-dist-creating"
 
 
 def record(name: str) -> str:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,14 @@ from .layout import (
     CHOL,
     CHOL_STEP,
     CHOL_WORK,
+    CREATING,
     DIMS,
     K_TEST_DIAG,
     K_TEST_TRAIN,
     K_TRAIN_DIAG,
     K_TRAIN_TRAIN,
     KERNEL_ARRAYS,
+    LOCK,
     MEAN,
     PREDICT,
     RECORDS,
@@ -130,6 +134,8 @@ class KernelStore:
     def open(cls, url: str, mode: str = "r") -> KernelStore:
         """Open an existing store; :class:`UserError` if there is none at ``url``."""
         url = normalize_url(url)
+        if _creating(url):
+            raise _half_created(url)
         if is_local(url) and not (local_path(url) / "zarr.json").is_file():
             raise UserError(f"no kernel store at {url}; create one with 'nngp-dist kernel'")
         try:
@@ -140,10 +146,7 @@ class KernelStore:
         if meta is None:
             raise UserError(f"{url} is a Zarr group but not an nngp_dist kernel store")
         if meta.get("creating"):
-            raise UserError(
-                f"the store at {url} was never completely created (its job was stopped while "
-                "creating it); run the kernel command again to create it anew"
-            )
+            raise _half_created(url)
         return cls(url, group)
 
     @staticmethod
@@ -177,29 +180,9 @@ class KernelStore:
         identity, a path that is not a store, or a location that cannot be written.
         """
         url = normalize_url(url)
-        if is_local(url):
-            path = local_path(url)
-            if path.exists() and not path.is_dir():
-                raise UserError(f"{url} exists and is not a directory; choose another --store")
-            probe = path
-            while not probe.exists():
-                probe = probe.parent
-            if not probe.is_dir():
-                raise UserError(f"{probe} is a file, so {url} cannot be created under it")
-            if not writable(probe):
-                raise UserError(f"cannot write to {probe}; choose a writable --store location")
-            if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
-                raise UserError(
-                    f"{url} is a non-empty directory that is not a kernel store; refusing to "
-                    "write into it (choose another --store)"
-                )
-            exists = (path / "zarr.json").is_file()
-        else:
-            try:
-                _open_group(url, "r")
-                exists = True
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                exists = False
+        if _creating(url):
+            return "create"  # a creation that was stopped half-way: start it again
+        exists = cls.check_location(url)
         if not exists or overwrite:
             return "create"
         old = _open_group(url, "r").attrs.get("nngp_dist")
@@ -229,21 +212,59 @@ class KernelStore:
             )
         return "resume"
 
+    @staticmethod
+    def check_location(url: str) -> bool:
+        """Whether a Zarr group is at ``url``; :class:`UserError` if a store can be neither
+        created nor opened there (a file, a read-only or foreign folder). Writes nothing."""
+        url = normalize_url(url)
+        if is_local(url):
+            path = local_path(url)
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{url} exists and is not a directory; choose another --store")
+            probe = path
+            while not probe.exists():
+                probe = probe.parent
+            if not probe.is_dir():
+                raise UserError(f"{probe} is a file, so {url} cannot be created under it")
+            if not writable(probe):
+                raise UserError(f"cannot write to {probe}; choose a writable --store location")
+            ours = {LOCK, CREATING}  # our own files, never a sign of someone else's folder
+            entries = [p for p in path.iterdir() if p.name not in ours] if path.is_dir() else []
+            if entries and not (path / "zarr.json").is_file():
+                raise UserError(
+                    f"{url} is a non-empty directory that is not a kernel store; refusing to "
+                    "write into it (choose another --store)"
+                )
+            exists = (path / "zarr.json").is_file()
+        else:
+            try:
+                _open_group(url, "r")
+                exists = True
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                exists = False
+        return exists
+
     @classmethod
     def create(cls, url: str, meta: dict, data: Dataset, plan: TilePlan) -> KernelStore:
         """Create (or replace) the store: inputs, empty kernel arrays, completion records.
 
-        The identity is written first, marked ``creating``, and the mark removed last: a
-        creation stopped half-way is recognised and redone by the next run.
+        A marker file (:data:`~nngp_dist.layout.CREATING`) is written before anything else,
+        the old contents (but the lock) are deleted, the group is written with its identity
+        marked ``creating`` in one write, and the mark and the marker are removed last: a
+        creation stopped at any point is recognised (:meth:`check`) and redone by the next run.
         """
         url = normalize_url(url)
-        root = zarr.open_group(url, mode="w", zarr_format=3)
-        root.attrs["nngp_dist"] = {**meta, "creating": True}
+        _set_marker(url, True)
+        _clear(url)
+        root = zarr.open_group(
+            url, mode="a", zarr_format=3, attributes={"nngp_dist": {**meta, "creating": True}}
+        )
         t = plan.tile_size
         _create_inputs(root, data, (X_TRAIN, Y_TRAIN, X_TEST, Y_TEST), t)
         root.create_group(RECORDS)
         _create_kernel(root, plan, meta["dtype"], KERNEL_ARRAYS)
         root.attrs["nngp_dist"] = {**meta, "created": utcnow(), "stages": {}}
+        _set_marker(url, False)
         return cls(url, root)
 
     def replace_test(self, data: Dataset) -> None:
@@ -484,6 +505,70 @@ class KernelStore:
         self._group.attrs["nngp_dist"] = meta
 
 
+def _half_created(url: str) -> UserError:
+    return UserError(
+        f"the store at {url} was never completely created (its job was stopped while "
+        "creating it); run the kernel command again to create it anew"
+    )
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    """The fsspec file system of a non-local ``url``, and the store's path in it."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _creating(url: str) -> bool:
+    """Whether the creation marker is at ``url``: a creation begun and not finished."""
+    if is_local(url):
+        return (local_path(url) / CREATING).is_file()
+    try:
+        fs, root = _fs(url)
+        fs.invalidate_cache(root)
+        return bool(fs.exists(f"{root}/{CREATING}"))
+    except (ImportError, ValueError, OSError):
+        return False  # an unusable URL: reported by whoever opens it
+
+
+def _set_marker(url: str, present: bool) -> None:
+    """Write (``present``) or remove the creation marker at ``url``."""
+    if is_local(url):
+        path = local_path(url) / CREATING
+        if present:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(utcnow())
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, root = _fs(url)
+    if present:
+        fs.pipe_file(f"{root}/{CREATING}", utcnow().encode())
+    elif fs.exists(f"{root}/{CREATING}"):
+        fs.rm_file(f"{root}/{CREATING}")
+
+
+def _clear(url: str) -> None:
+    """Delete everything at ``url`` but the lock and the creation marker."""
+    keep = {LOCK, CREATING}
+    if is_local(url):
+        for entry in local_path(url).iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    for entry in fs.ls(root, detail=False) if fs.exists(root) else []:
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
+    fs.invalidate_cache(root)
+
+
 def _chunks(shape: tuple[int, ...], chunk: int | tuple[int, ...]) -> tuple[int, ...]:
     """Chunks of edge ``chunk`` (one edge or one per dimension), capped at the array's extent.
 
@@ -580,7 +665,9 @@ def open_store(path: str) -> Any:
     import xarray as xr
 
     store = KernelStore.open(path)  # a clear error if this is not a store
-    ds = xr.open_zarr(store.url, consolidated=False)
+    with warnings.catch_warnings():  # the lock of a job writing it is no array: not a concern
+        warnings.filterwarnings("ignore", f"Object at {LOCK} is not recognized")
+        ds = xr.open_zarr(store.url, consolidated=False)
     k = store.array(K_TRAIN_TRAIN)
     t = store.meta["tile_size"]
     chunks = tuple(tuple(min(t, n - s) for s in range(0, n, t)) for n in k.shape)

@@ -144,7 +144,7 @@ LAYERS = (
         "nngp_dist.cluster",
     ),
     ("nngp_dist.workers", "nngp_dist.options", "nngp_dist.progress"),
-    ("nngp_dist.storage",),
+    ("nngp_dist.storage", "nngp_dist.lock"),
     (
         "nngp_dist.layout",
         "nngp_dist.tiling",
