@@ -208,7 +208,7 @@ def _spec(
         raise UserError(str(e)) from None
 
 
-def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
+def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: Any) -> dict:
     """Solve for ``alpha = (K + s I)^-1 T``; return the solve record (also kept in the store).
 
     ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
@@ -228,14 +228,39 @@ def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
     ``options`` are those of :class:`~nngp_dist.options.SolveOptions` (``noise``,
     ``max_noise``, ``method``, ``tol``, ``maxiter``, ``preconditioner``, ``validation_size``,
     ``select_by``) and of :class:`~nngp_dist.options.ClusterOptions` (``client``,
-    ``scheduler``, ``workers``, ``memory_limit``).
+    ``scheduler``, ``workers``, ``memory_limit``). With ``reuse`` (as ``run`` does), a store
+    whose last solve completed with the same options keeps it, and its predictions.
     """
     cluster = take(options, ClusterOptions)
     opts = SolveOptions.checked(**options)
     KernelStore.open(store)  # a clear error if there is no store, before the lock
     with store_lock(store, "solve"):
         ks = KernelStore.open(store, "r+")
+        if reuse and _solved_with(ks, opts):
+            return ks.meta["solve"]
         return _solve(ks, opts, progress, cluster)
+
+
+def _solve_options(opts: SolveOptions) -> dict:
+    """The options a solve record depends on (CG's only for CG), as JSON keeps them."""
+    fields = {
+        "method": opts.method,
+        "noise": list(opts.noise),
+        "max_noise": opts.max_noise,
+        "validation_size": opts.validation_size,
+        "select_by": opts.select_by,
+    }
+    if opts.method == "cg":
+        fields.update(tol=opts.tol, maxiter=opts.maxiter, preconditioner=opts.preconditioner)
+    return fields
+
+
+def _solved_with(ks: KernelStore, opts: SolveOptions) -> bool:
+    """Whether the store holds a completed solve of these options (its record is written
+    last, and removed when a solve starts, so a record means a complete solution)."""
+    record = ks.meta.get("solve")
+    finished = ks.meta.get("stages", {}).get("solve", {}).get("finished")
+    return bool(record and finished and record.get("options") == _solve_options(opts))
 
 
 def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -> dict:
@@ -254,7 +279,11 @@ def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -
             )
             chosen = selection["chosen"]
         record = _SOLVERS[opts.method](ks, c, chosen, t_train, opts, progress)
-        record.update(selection=selection, seconds=round(time.perf_counter() - start, 3))
+        record.update(
+            selection=selection,
+            seconds=round(time.perf_counter() - start, 3),
+            options=_solve_options(opts),
+        )
         ks.update_meta(solve=record)
         ks.record_stage("solve", finished=utcnow(), seconds=record["seconds"])
         return record
@@ -405,7 +434,9 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     """Kernel, solve and predict in one go on one cluster; returns the predict report.
 
     ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
-    checked before the kernel is computed, not after. The store's lock is held throughout.
+    checked before the kernel is computed, not after. A store already solved with the same
+    solve options keeps its solution and its finished prediction blocks (a run stopped in the
+    predict stage resumes there). The store's lock is held from the first check to the report.
     """
     cluster = take(options, ClusterOptions)
     solve_kw, predict_kw, kernel_kw = _split(options)
@@ -416,7 +447,7 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_kw)
-        solve(store, client=c, progress=progress, **solve_kw)
+        solve(store, client=c, progress=progress, reuse=True, **solve_kw)
         return predict(store, client=c, progress=progress, **predict_kw)
 
     KernelStore.check_location(store)  # a store path that can never be one: before the lock

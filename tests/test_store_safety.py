@@ -1,5 +1,5 @@
 """Nothing lost, nothing silently wrong: one writer per store (the lock), a creation killed at
-any point redone."""
+any point redone, and a run stopped in its predict stage resumed without solving again."""
 
 import json
 import os
@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import zarr
 
 import nngp_dist
 from nngp_dist import KernelStore, UserError, jobs, lock
-from nngp_dist.layout import CREATING, LOCK
+from nngp_dist.layout import CHOL, CREATING, LOCK, MEAN, PREDICT, record
 
 SMALL = [
     "--dataset",
@@ -172,6 +173,56 @@ def test_a_creation_killed_before_its_identity_was_written_is_redone(tmp_path):
     (store / "zarr.json").unlink()
     (store / CREATING).write_text("2026-01-01T00:00:00+00:00")
     assert KernelStore.check(str(store), {}) == "create"
+
+
+RUN = {
+    "dataset": "demo",
+    "train_size": 300,
+    "test_size": 50,
+    "tile_size": 100,
+    "depth": 2,
+    "weight_var": 1.6,
+    "bias_var": 0.2,
+    "noise": 1e-3,
+    "progress": False,
+}
+
+
+def _chunk_times(store, name):
+    folder = store / name
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_run_stopped_in_predict_resumes_there(tmp_path, client):
+    store = tmp_path / "k.zarr"
+    first = jobs.run(str(store), client=client, **RUN)
+    ks = KernelStore.open(str(store))
+    solved, stages = ks.meta["solve"], ks.meta["stages"]["solve"]
+    mean = ks.read(MEAN)
+    chol = _chunk_times(store, CHOL)
+    blocks = ks.read(record(PREDICT))
+    assert len(blocks) >= 2 and len(chol) > 0
+    # As if killed in the predict stage: one block's record gone, its rows half-written.
+    g = zarr.open_group(str(store), mode="r+")
+    g[record(PREDICT)][1] = np.nan
+    g[MEAN][-1] = 7.0
+    g.attrs["nngp_dist"] = {**g.attrs["nngp_dist"], "predict": None}
+    assert KernelStore.open(str(store)).status()["stage"] == "predict"
+    again = jobs.run(str(store), client=client, **RUN)
+    ks = KernelStore.open(str(store))
+    assert ks.meta["solve"] == solved and ks.meta["stages"]["solve"] == stages  # not solved again
+    assert _chunk_times(store, CHOL) == chol  # the factor untouched
+    done = ks.read(record(PREDICT))
+    assert done[0] == blocks[0] and not np.isnan(done).any()  # only the missing block redone
+    np.testing.assert_array_equal(ks.read(MEAN), mean)  # bitwise
+    assert again["accuracy"] == first["accuracy"] and ks.status()["stage"] == "done"
+    # Other solve options solve again (and forget the predictions of the old solution).
+    other = jobs.run(str(store), client=client, **{**RUN, "noise": 1e-2})
+    assert KernelStore.open(str(store)).meta["solve"]["noise_requested"] == 1e-2
+    assert other["noise"] == 1e-2
+    # An explicit solve always solves again.
+    jobs.solve(str(store), client=client, noise=1e-2, progress=False)
+    assert KernelStore.open(str(store)).meta["solve"]["seconds"] != solved["seconds"]
 
 
 def test_status_and_open_store_read_a_locked_store(tmp_path):
