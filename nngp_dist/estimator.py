@@ -33,6 +33,7 @@ import numpy as np
 from . import datasets, jobs
 from .errors import StoreMismatch, UserError
 from .layout import MEAN, VARIANCE
+from .lock import store_lock
 from .storage import KernelStore
 
 __all__ = ["NNGPClassifier", "NNGPRegressor"]
@@ -113,6 +114,17 @@ class NNGPRegressor:
             url = os.path.join(folder, "kernel.zarr")
         else:
             url = self.store
+        with store_lock(url, "fit"):  # kernel and solve as one writer: none between them
+            self.solve_ = self._fit_store(url, data)
+        self.store_ = url
+        self.X_train_, self.y_train_ = data.x_train, data.y_train
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self.image_shape_ = X.shape[1:]
+        self.noise_ = self.solve_["noise"]
+        return self
+
+    def _fit_store(self, url: str, data: datasets.Dataset) -> dict:
+        """The training kernel into the store at ``url``, then the solve; its record."""
         run = self._cluster()
         try:
             jobs.kernel(url, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
@@ -125,15 +137,8 @@ class NNGPRegressor:
                 + "\nNothing was changed. Pass another store (or none, for a temporary one); "
                 "an estimator never overwrites a store."
             ) from None
-        self.solve_ = jobs.solve(url, noise=self.noise, max_noise=self.max_noise,
-                                 method=self.method, progress=self.progress,
-                                 **run)  # fmt: skip
-        self.store_ = url
-        self.X_train_, self.y_train_ = data.x_train, data.y_train
-        self.n_features_in_ = int(np.prod(X.shape[1:]))
-        self.image_shape_ = X.shape[1:]
-        self.noise_ = self.solve_["noise"]
-        return self
+        return jobs.solve(url, noise=self.noise, max_noise=self.max_noise, method=self.method,
+                          progress=self.progress, **run)  # fmt: skip
 
     def _arch(self) -> dict:
         names = ["arch", "weight_var", "bias_var", "activation", "kernel"]
@@ -161,12 +166,13 @@ class NNGPRegressor:
         placeholder = np.zeros((len(X),) + self.y_train_.shape[1:], dtype=self.y_train_.dtype)
         data = datasets.from_arrays(_DATASET, self.X_train_, self.y_train_, X, placeholder)
         run = self._cluster()
-        jobs.kernel(self.store_, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
-                    replace_test=True, progress=self.progress, **self._arch(),
-                    **run)  # fmt: skip
-        jobs.predict(self.store_, score=False, progress=self.progress, **run)
-        ks = KernelStore.open(self.store_)
-        return ks.read(MEAN), ks.read(VARIANCE)
+        with store_lock(self.store_, "predict"):  # the test set and its predictions together
+            jobs.kernel(self.store_, dataset=data, tile_size=self.tile_size, dtype=self.dtype,
+                        replace_test=True, progress=self.progress, **self._arch(),
+                        **run)  # fmt: skip
+            jobs.predict(self.store_, score=False, progress=self.progress, **run)
+            ks = KernelStore.open(self.store_)
+            return ks.read(MEAN), ks.read(VARIANCE)
 
     def predict(self, X: Any, return_std: bool = False) -> Any:
         """Posterior mean at ``X`` (and the latent standard deviation with ``return_std``)."""

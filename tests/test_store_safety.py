@@ -231,3 +231,26 @@ def test_status_and_open_store_read_a_locked_store(tmp_path):
     with lock.store_lock(str(store), "run"):
         assert nngp_dist.open_store(str(store)).sizes["train"] == 60
         assert jobs.status(str(store))["stage"] == "kernel-done"
+
+
+def test_a_sweep_folder_and_an_estimator_store_have_one_writer(tmp_path):
+    """A sweep's --out folder and an estimator's store are locked like a kernel store: a live
+    holder elsewhere is refused by name, and nothing is written."""
+    from nngp_dist.estimator import NNGPRegressor
+    from nngp_dist.sweep import POINTS_FILE, sweep
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / LOCK).write_text(json.dumps(_lease(host="node7", pid=4242, command="sweep")))
+    grid = {"depths": "1", "weight_vars": "1.0", "bias_vars": "0.1", "noises": "1e-2"}
+    with pytest.raises(UserError, match=r"in use by another nngp-dist job: 'sweep', pid 4242"):
+        sweep(str(out), train_size=100, validation_size=50, progress=False, **grid)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    assert POINTS_FILE not in os.listdir(out)
+    store = tmp_path / "est.zarr"
+    store.mkdir()
+    (store / LOCK).write_text(json.dumps(_lease(host="node7", pid=4243, command="fit")))
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(UserError, match=r"'fit', pid 4243 on node7"):
+        NNGPRegressor(store=str(store), scheduler="synchronous").fit(x, x[:, 0])
+    assert sorted(p.name for p in store.iterdir()) == [LOCK]
