@@ -19,11 +19,11 @@ import zarr
 from distributed import as_completed
 
 from . import backend, config, workers
-from .errors import UserError
+from .errors import CorruptStore, UserError
 from .kernels import Spec
 from .layout import K_TRAIN_TRAIN, KERNEL_ARRAYS, X_TEST, X_TRAIN
 from .progress import progress_bar
-from .storage import KernelStore, utcnow
+from .storage import KernelStore, read_checked, utcnow
 from .tiling import Tile, TilePlan
 from .workers import TaskContext
 
@@ -43,7 +43,8 @@ class JobError(RuntimeError):
 def _rows(ctx: TaskContext, part: str, sel: tuple[int, int]) -> np.ndarray:
     """Input rows ``sel`` of ``part`` as float64 (cached: a worker's next tile often shares
     its row or column block with the last)."""
-    x = workers.open_group(ctx.url, ctx.token, flush=True)[INPUTS[part]][sel[0] : sel[1]]
+    group = workers.open_group(ctx.url, ctx.token, flush=True)
+    x = read_checked(group[INPUTS[part]], slice(sel[0], sel[1]), url=ctx.url)
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64)
 
 
@@ -160,6 +161,8 @@ def compute_kernel(
             for tile in todo:
                 try:
                     run_tile(*args, tile, meta["dtype"], device)
+                except CorruptStore:
+                    raise  # its own remedy, not a re-run
                 except Exception as e:
                     raise JobError(
                         f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
@@ -199,6 +202,8 @@ def _run_distributed(
         for fut in futures:
             try:
                 fut.result()
+            except CorruptStore:
+                raise  # its own remedy, not a re-run
             except Exception as e:
                 raise JobError(
                     f"{fut.key} failed: {type(e).__name__}: {e}\nTiles finished before it are "

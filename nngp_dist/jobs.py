@@ -323,7 +323,7 @@ def _solve_cholesky(
     except NotPositiveDefinite as e:
         raise UserError(str(e)) from None
     solution = solve_alpha(ks, client=c)
-    return {
+    record = {
         "method": "cholesky",
         "noise": factor["noise_rel"],
         "noise_abs": factor["noise"],
@@ -332,6 +332,23 @@ def _solve_cholesky(
         "log_marginal_likelihood": solution["log_marginal_likelihood"],
         "output_scale": solution["output_scale"],
     }
+    if factor["noise_rel"] != noise:
+        record["warnings"] = [_escalated(ks, noise, factor)]
+    return record
+
+
+def _escalated(ks: KernelStore, requested: float, factor: dict) -> str:
+    """Say on stderr that the noise was escalated, and why that may be; the text, for the
+    solve record and the report."""
+    text = (
+        f"the kernel plus the noise {requested:g} is not positive definite, so the noise was "
+        f"escalated to {factor['noise_rel']:g} (relative; {factor['noise']:.3g} absolute) and "
+        "every result is for that noise. Likely causes: a corrupt kernel tile (check the store "
+        f"with 'nngp-dist verify --store {ks.url}'), or a noise too small for this kernel "
+        "(raise --noise; --max-noise caps the escalation)."
+    )
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+    return text
 
 
 def _solve_cg(
@@ -414,6 +431,7 @@ def _predict(
             "variance_clamped": out["variance_clamped"],
             "variance_blocks_unconverged": out["variance_blocks_unconverged"],
             "selection": solved.get("selection"),
+            "warnings": list(solved.get("warnings", [])),
         }
         seconds = round(time.perf_counter() - start, 3)
         ks.record_stage("predict", finished=utcnow(), seconds=seconds)

@@ -135,6 +135,7 @@ LAYERS = (
         "nngp_dist.figures",
         "nngp_dist.detached",
         "nngp_dist.estimator",
+        "nngp_dist.verify",
     ),
     (
         "nngp_dist.compute",
