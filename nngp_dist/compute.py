@@ -139,7 +139,10 @@ def compute_kernel(
     With a ``distributed.Client`` the tiles run on its workers, at most ``max_in_flight`` at a
     time (default: ``nngp-dist.tasks-per-thread`` per worker thread); with ``client=None``
     they run one by one in this process (for tests and debugging). Tiles already recorded as
-    done are skipped, so a killed run resumes where it stopped.
+    done are skipped, so a killed run resumes where it stopped. Without ``spec`` (the caller's
+    own, used when it is the store's), the store's recorded spec is used: one naming Python code
+    as its activation only from a store opened with ``trust_code=True``
+    (:meth:`KernelStore.open`), else a :class:`~nngp_dist.errors.UserError` says so.
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
@@ -223,7 +226,7 @@ def probe(spec: Spec, data: Any, dtype: str) -> None:
     (one that does not take arrays, or cannot be rebuilt on the workers) or overflowing inputs
     fail here with a :class:`UserError`, not inside a tile."""
     try:
-        Spec.from_dict(spec.to_dict())
+        Spec.from_dict(spec.to_dict(), trust_code=True)  # the caller's own spec
     except ValueError as e:
         raise UserError(
             f"the activation {spec.activation.name!r} cannot be recorded in the store and "

@@ -132,15 +132,22 @@ def _open_group(url: str, mode: str) -> zarr.Group:
 class KernelStore:
     """A kernel store at ``url`` (a directory or any fsspec URL zarr accepts)."""
 
-    def __init__(self, url: str, group: zarr.Group):
+    def __init__(self, url: str, group: zarr.Group, *, trust_code: bool = False):
         self.url = url
         self._group = group
+        self.trust_code = trust_code
 
     # --- opening and creating -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> KernelStore:
-        """Open an existing store; :class:`UserError` if there is none at ``url``."""
+    def open(cls, url: str, mode: str = "r", *, trust_code: bool = False) -> KernelStore:
+        """Open an existing store; :class:`UserError` if there is none at ``url``.
+
+        Opening never imports anything. ``trust_code``: let :attr:`spec` import the Python
+        function a store's spec may name as its activation (``module:function``), which runs
+        that module's code; without it such a spec is only shown (``meta["spec"]``), and
+        :attr:`spec`, or computing with the store's own spec, is a :class:`UserError`.
+        """
         url = normalize_url(url)
         if _creating(url):
             raise _half_created(url)
@@ -155,7 +162,7 @@ class KernelStore:
             raise UserError(f"{url} is a Zarr group but not an nngp_dist kernel store")
         if meta.get("creating"):
             raise _half_created(url)
-        return cls(url, group)
+        return cls(url, group, trust_code=trust_code)
 
     @staticmethod
     def identity(spec: Spec, data: Dataset, tile_size: int, dtype: str) -> dict:
@@ -318,7 +325,8 @@ class KernelStore:
 
     @property
     def spec(self) -> Spec:
-        return Spec.from_dict(self.meta["spec"])
+        """The store's architecture (see :meth:`open` for a spec that names Python code)."""
+        return Spec.from_dict(self.meta["spec"], trust_code=self.trust_code)
 
     @property
     def plan(self) -> TilePlan:

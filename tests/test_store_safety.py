@@ -254,3 +254,56 @@ def test_a_sweep_folder_and_an_estimator_store_have_one_writer(tmp_path):
     with pytest.raises(UserError, match=r"'fit', pid 4243 on node7"):
         NNGPRegressor(store=str(store), scheduler="synchronous").fit(x, x[:, 0])
     assert sorted(p.name for p in store.iterdir()) == [LOCK]
+
+
+MARKER_MODULE = """
+import os
+
+import numpy as np
+
+with open(os.environ["NNGP_DIST_TEST_MARKER"], "a") as f:
+    f.write("imported\\n")
+
+
+def phi(x):
+    return np.tanh(x)
+"""
+
+
+def test_code_never_comes_from_a_store_without_the_opt_in(tmp_path, monkeypatch):
+    """A store whose activation names a module: opening it, its status, open_store and the
+    spec's dict import nothing; building its spec or computing with it is a UserError naming
+    trust_code=True, and only with that opt-in is the module imported."""
+    import importlib
+
+    from nngp_dist.compute import compute_kernel
+
+    marker = tmp_path / "imports.log"
+    (tmp_path / "recorder_act.py").write_text(MARKER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("NNGP_DIST_TEST_MARKER", str(marker))
+    store = str(tmp_path / "k.zarr")
+    jobs.kernel(str(store), scheduler="synchronous", **{**KERNEL, "activation": "recorder_act:phi"})
+    assert marker.read_text() == "imported\n"  # the caller named it: imported for the kernel
+    monkeypatch.delitem(sys.modules, "recorder_act")
+    marker.unlink()
+    importlib.invalidate_caches()
+
+    ks = KernelStore.open(store)
+    assert ks.meta["spec"]["activation"]["function"] == "recorder_act:phi"  # shown
+    assert jobs.status(store)["spec"]["activation"]["name"] == "custom"
+    ds = nngp_dist.open_store(store)
+    with pytest.raises(UserError, match=r"'recorder_act:phi'.*trust_code=True"):
+        _ = ks.spec
+    with pytest.raises(UserError, match="trust_code=True"):
+        nngp_dist.Spec.from_dict(ds.attrs["nngp_dist"]["spec"])
+    g = zarr.open_group(store, mode="r+")
+    g["tiles/k_test_diag"][...] = np.nan  # something left to compute
+    with pytest.raises(UserError, match="trust_code=True"):
+        compute_kernel(KernelStore.open(store, "r+"), progress=False)
+    assert not marker.exists() and "recorder_act" not in sys.modules
+
+    trusted = KernelStore.open(store, "r+", trust_code=True)
+    assert trusted.spec.activation.spec["function"] == "recorder_act:phi"
+    assert marker.read_text() == "imported\n"
+    assert compute_kernel(trusted, progress=False)["tiles_computed"] == 1

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from .. import backend
+from ..errors import UserError
 from . import architectures, fused, nonlinearities
 from .conv import ConvGeometry, conv_diagonal_state, conv_input_state, pixels_per_pair
 from .layers import Layer, diagonal_state, input_state
@@ -167,18 +168,33 @@ class Spec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, d: dict) -> Spec:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+    def from_dict(cls, d: dict, *, trust_code: bool = False) -> Spec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        Code never comes from a store: a dict whose activation is a Python function
+        (``module:function``) is refused with a :class:`~nngp_dist.errors.UserError` unless
+        ``trust_code``, since building it imports that module, which runs its code, and a dict
+        read from a store is only as trustworthy as whoever wrote the store.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         extra = set(d) - fields
         if extra:
             raise ValueError(f"unknown spec keys: {sorted(extra)}")
+        target = nonlinearities.imported_function(d.get("activation"))
+        if target and not trust_code:
+            raise UserError(
+                f"this spec's activation is the Python function {target!r}: building it would "
+                f"import {target.partition(':')[0]!r}, which runs that module's code, and a "
+                "spec read from a store is only as trustworthy as the store. Pass "
+                "trust_code=True (Spec.from_dict, KernelStore.open) only for a store you trust, "
+                "or build the Spec yourself."
+            )
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> Spec:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, *, trust_code: bool = False) -> Spec:
+        """Inverse of :meth:`to_json` (``trust_code`` as in :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(text), trust_code=trust_code)
 
     @property
     def is_image(self) -> bool:
