@@ -1,11 +1,11 @@
 """One writer per store: a lease at the store's root, renewed by a heartbeat.
 
-Every command that writes a store (kernel, solve, predict, run, a detached job's driver, the
-estimators' ``fit`` and ``predict`` for their whole kernel + solve or kernel + predict, and a
-sweep for its ``--out`` folder) holds the store's lock while it runs: the JSON object
-:data:`~nngp_dist.layout.LOCK` at the store's root, with the holder's ``owner`` (a random id),
-``host``, ``pid``, ``started`` (the process's start time), ``command``, ``since`` and
-``heartbeat`` (seconds since the epoch, renewed every :data:`HEARTBEAT` seconds by a daemon
+Every command that writes a store (kernel, solve, predict, run, verify --repair, a detached
+job's driver, the estimators' ``fit`` and ``predict`` for their whole kernel + solve or kernel +
+predict, and a sweep for its ``--out`` folder) holds the store's lock while it runs: the JSON
+object :data:`~nngp_dist.layout.LOCK` at the store's root, with the holder's ``owner`` (a
+random id), ``host``, ``pid``, ``started`` (the process's start time), ``command``, ``since``
+and ``heartbeat`` (seconds since the epoch, renewed every :data:`HEARTBEAT` seconds by a daemon
 thread). Readers (``status``, ``open_store``, notebooks) never take it.
 
 * **Taking it** is a create-exclusive write: on a file system (local, NFS, any POSIX mount) a

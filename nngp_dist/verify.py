@@ -130,10 +130,11 @@ def _records(ks: KernelStore, name: str) -> np.ndarray:
         return out
 
 
-def _expected(ks: KernelStore) -> dict[str, dict[tuple[int, ...], bool]]:
-    """Per array, the chunks its records say are written (and so must read complete)."""
+def _expected(ks: KernelStore) -> dict[str, dict[tuple[int, ...], bool | str]]:
+    """Per array, the chunks its records say are written (and so must read complete; a
+    diagonal work block ``"upper"``: only its upper triangle, as the Cholesky reads it)."""
     plan, meta = ks.plan, ks.meta
-    out: dict[str, dict[tuple[int, ...], bool]] = {}
+    out: dict[str, dict[tuple[int, ...], bool | str]] = {}
     for name in INPUTS:
         out[name] = {c: True for c in _all_chunks(ks.array(name))}
     for name in KERNEL_ARRAYS:
@@ -146,7 +147,9 @@ def _expected(ks: KernelStore) -> dict[str, dict[tuple[int, ...], bool]]:
         for name, parity in zip(CHOL_WORK, (0, 1)):
             if ks.has(name):
                 held = (steps > 0) & (steps % 2 == parity) & ~done
-                out[name] = {tuple(map(int, c)): True for c in np.argwhere(held)}
+                out[name] = {
+                    (int(i), int(j)): "upper" if i == j else True for i, j in np.argwhere(held)
+                }
     if ks.has(record(PREDICT)):
         blocks = np.flatnonzero(~np.isnan(_records(ks, record(PREDICT))))
         for name in (MEAN, VARIANCE):

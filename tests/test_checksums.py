@@ -250,3 +250,36 @@ def test_verify_and_repair_on_an_fsspec_store():
     g = zarr.open_group(url, mode="r")
     np.testing.assert_array_equal(g[K_TRAIN_TRAIN][0:20, 20:40], expected)
     fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_an_image_store_whose_blocks_span_several_tiles_verifies_and_repairs(tmp_path, client):
+    """Solver blocks of three kernel tiles: the lower tiles of a diagonal block are never
+    written (NaN), which is no fault; a bad factor block is, and its repair is bitwise."""
+    import dask.config
+
+    from nngp_dist.verify import verify
+
+    store = str(tmp_path / "cnn.zarr")
+    kw = {
+        "dataset": "demo",
+        "arch": "conv",
+        "depth": 1,
+        "tile_size": 8,
+        "train_size": 60,
+        "test_size": 10,
+        "noise": 1e-3,
+        "progress": False,
+    }
+    with dask.config.set({"nngp-dist.tile-size": 23}):  # 8-row tiles -> 3-tile blocks of 24
+        jobs.run(store, client=client, **kw)
+        ks = KernelStore.open(store)
+        assert ks.meta["solve_block"] == 24 and np.isnan(ks.array(K_TRAIN_TRAIN)[8:16, 0:8]).all()
+        mean, variance = ks.read(MEAN), ks.read(VARIANCE)
+        assert verify(store)["problems"] == []
+        flip(chunk(store, CHOL, 1, 1), at=777)
+        r = verify(store, repair=True)
+        assert [(p["array"], p["tile"]) for p in r["problems"]] == [(CHOL, [1, 1])]
+        jobs.run(store, client=client, **kw)
+    ks = KernelStore.open(store)
+    assert np.array_equal(ks.read(MEAN), mean) and np.array_equal(ks.read(VARIANCE), variance)
+    assert verify(store)["problems"] == []

@@ -2,6 +2,7 @@
 written by worker processes through s3fs, exactly as on AWS S3 or MinIO."""
 
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -30,9 +31,11 @@ def s3(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("kernels")
+    # moto keeps its buckets for the whole process, whatever server: one bucket per test
+    bucket = f"kernels-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
     try:
-        yield "s3://kernels"
+        yield f"s3://{bucket}"
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()

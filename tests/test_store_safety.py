@@ -15,6 +15,7 @@ import zarr
 import nngp_dist
 from nngp_dist import KernelStore, UserError, jobs, lock
 from nngp_dist.layout import CHOL, CREATING, LOCK, MEAN, PREDICT, record
+from nngp_dist.verify import verify
 
 SMALL = [
     "--dataset",
@@ -121,11 +122,13 @@ def test_a_live_lock_is_refused_with_its_holder_named(tmp_path):
         lambda: jobs.solve(str(store), noise=1e-3, workers=1, progress=False),
         lambda: jobs.predict(str(store), workers=1, progress=False),
         lambda: jobs.check_run(str(store), **KERNEL),
+        lambda: verify(str(store), repair=True),
     ):
         with pytest.raises(UserError, match=r"in use by another nngp-dist job: 'solve', pid 4242"):
             call()
     assert json.loads((store / LOCK).read_text())["pid"] == 4242  # left to its holder
     assert KernelStore.open(str(store)).status()["stage"] == "kernel-done"  # readers need none
+    assert verify(str(store))["problems"] == []  # verify without --repair only reads
 
 
 def test_the_lock_is_reentrant_and_its_heartbeat_renews_it(tmp_path):

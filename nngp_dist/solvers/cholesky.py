@@ -43,11 +43,13 @@ __all__ = ["NotPositiveDefinite", "count_operations", "factorize"]
 def _read_a(ctx: TaskContext, g: Any, i: int, j: int, step: int, jitter: float) -> np.ndarray:
     """The tile (i, j) of A after ``step`` updates, as float64."""
     rows, cols = ctx.span(i), ctx.span(j)
+    # A diagonal block's upper triangle is authoritative: below it, a block spanning several
+    # kernel tiles holds the never-written lower tiles (NaN), in the kernel and in its updates.
+    complete = "upper" if i == j else True
     if step == 0:
-        complete = "upper" if i == j else True  # only the kernel's upper tiles are written
         a = read_checked(g[K_TRAIN_TRAIN], (rows, cols), url=ctx.url, complete=complete)
         return add_jitter(a, jitter) if i == j else np.asarray(a, dtype=np.float64)
-    return read_checked(g[CHOL_WORK[step % 2]], (rows, cols), url=ctx.url)
+    return read_checked(g[CHOL_WORK[step % 2]], (rows, cols), url=ctx.url, complete=complete)
 
 
 def _read_u(ctx: TaskContext, g: Any, i: int, j: int) -> np.ndarray:
