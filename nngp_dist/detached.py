@@ -87,7 +87,13 @@ def _is_driver(pid: int, started: float | None, job: str) -> bool:
     try:
         import psutil
 
-        return any(job in part for part in psutil.Process(pid).cmdline())
+        proc = psutil.Process(pid)
+        for _ in range(20):  # empty for a moment while a process execs: look again
+            cmdline = proc.cmdline()
+            if cmdline:
+                break
+            time.sleep(0.1)
+        return any(job in part for part in cmdline)
     except ImportError:  # pragma: no cover - psutil comes with distributed
         return True
     except Exception:  # it ended meanwhile, or is not ours to inspect

@@ -195,12 +195,16 @@ def test_cancel_signals_only_the_driver_it_started():
         [sys.executable, "-c", "import time; time.sleep(60)", job], start_new_session=True
     )
     try:
+        import psutil
+
+        for _ in range(100):  # a loaded machine may take a while to exec it
+            if job in psutil.Process(sleeper.pid).cmdline():
+                break
+            time.sleep(0.1)
         started = process_start(sleeper.pid)
         for pid_started, name in ((started + 100, job), (started, "job-another")):
             assert detached._stop(sleeper.pid, 1.0, pid_started, name).startswith("not running")
             assert sleeper.poll() is None  # not signalled
-        import psutil
-
         proc = psutil.Process(sleeper.pid)
         debug = (started, process_start(sleeper.pid), proc.cmdline(), proc.status())
         assert detached._stop(sleeper.pid, 5.0, started, job) in ("stopped", "killed"), debug
