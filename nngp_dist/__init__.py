@@ -3,13 +3,13 @@
 The public API: :func:`kernel` runs a kernel job into a store, :func:`open_store` reads a store
 as an ``xarray.Dataset``, :class:`Spec` describes an architecture and evaluates its kernel on
 arrays, :func:`load_dataset` loads and validates a dataset, :class:`NNGPClassifier` and
-:class:`NNGPRegressor` are scikit-learn-style estimators on the same engine.
+:class:`NNGPRegressor` are scikit-learn estimators on the same engine (loaded on first use, so
+that importing the package, as every Dask worker does, does not import scikit-learn).
 """
 
 from ._version import __version__
 from .datasets import load as load_dataset
 from .errors import UserError
-from .estimator import NNGPClassifier, NNGPRegressor
 from .jobs import kernel
 from .kernels import Spec
 from .storage import KernelStore, open_store
@@ -25,3 +25,11 @@ __all__ = [
     "load_dataset",
     "open_store",
 ]
+
+
+def __getattr__(name: str):  # PEP 562: the estimators (and scikit-learn) load on first use
+    if name in ("NNGPClassifier", "NNGPRegressor"):
+        from . import estimator
+
+        return getattr(estimator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -171,6 +171,11 @@ kernel_options = _options(
     click.option(
         "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
     ),
+    click.option(
+        "--force",
+        is_flag=True,
+        help="Go on despite a --tile-size under 16 or less free disk than the store's estimate.",
+    ),
 )
 
 cluster_options = _options(
@@ -467,9 +472,8 @@ def _report(r: dict) -> None:
 @click.option(
     "--validation-size",
     type=int,
-    default=10000,
-    show_default=True,
-    help="Score on the last V training examples.",
+    default=None,
+    help="Score on the last V training examples [default: a fifth of them, at most 10000].",
 )
 @click.option("--depth", "depths", default="1-5", show_default=True, help="Depths: 1-10 or 1,3,5.")
 @click.option(

@@ -193,7 +193,7 @@ def _run_distributed(
 ) -> None:
     if max_in_flight is None:
         threads = sum(client.nthreads().values()) or 1
-        max_in_flight = int(config.get("tasks-per-thread")) * threads
+        max_in_flight = config.value("tasks-per-thread") * threads
     pending = iter(todo)
 
     def submit(tile: Tile) -> Any:
@@ -233,7 +233,10 @@ def probe(spec: Spec, data: Any, dtype: str) -> None:
             f"rebuilt by the workers ({e}); give a Python function as 'module:function' "
             "naming an importable module-level function"
         ) from None
-    x = np.concatenate([data.x_train[:3], data.x_test[:2]])
+    # The first inputs, and the largest of each set: a large row anywhere (one that overflows
+    # float32, say) fails here, not in its tile after hours of others.
+    largest = [_largest_row(data.x_train), _largest_row(data.x_test)]
+    x = np.concatenate([data.x_train[:3], data.x_test[:2], *largest])
     try:
         k = spec.cross(x, x)
         d = spec.diag(x)
@@ -243,6 +246,13 @@ def probe(spec: Spec, data: Any, dtype: str) -> None:
         finite = np.isfinite(k.astype(dtype)).all() and np.isfinite(d.astype(dtype)).all()
     if not finite:
         raise UserError(
-            f"the kernel of the first inputs is not finite in {dtype} (overflow?): check the "
-            "inputs' scale, --weight-var, --bias-var, --depth and --dtype"
+            f"the kernel of the first and the largest inputs is not finite in {dtype} "
+            "(overflow?): check the inputs' scale, --weight-var, --bias-var, --depth and --dtype"
         )
+
+
+def _largest_row(x: np.ndarray) -> np.ndarray:
+    """The row of ``x`` (examples first) of the largest squared norm, as a one-row array."""
+    flat = x.reshape(len(x), -1)
+    with np.errstate(over="ignore"):
+        return x[[int(np.argmax(np.einsum("ij,ij->i", flat, flat)))]]

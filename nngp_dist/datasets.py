@@ -13,10 +13,9 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import tarfile
-import tempfile
-import urllib.request
+import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["DATASETS", "Dataset", "from_arrays", "load"]
+__all__ = ["DATASETS", "Dataset", "as_dataset", "from_arrays", "load"]
 
-# Upstream files and the MD5 sums their publishers list for them (checked after a download).
+# Upstream files (over https, from their publishers) and the MD5 sums the publishers list for
+# them: pooch checks every download against them and keeps nothing that differs.
 _IDX_FILES = {
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -39,7 +39,7 @@ _IDX_FILES = {
         },
     ),
     "fashion-mnist": (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
         {
             "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -102,6 +102,26 @@ def from_arrays(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any)
     return ds
 
 
+def as_dataset(
+    dataset: str | Dataset,
+    data_dir: str | os.PathLike | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    standardize: bool = False,
+) -> Dataset:
+    """``dataset`` itself if it is a :class:`Dataset` (validated when it was made), else the
+    dataset of that name, :func:`load`-ed with these options."""
+    if isinstance(dataset, Dataset):
+        return dataset
+    return load(
+        dataset,
+        data_dir=data_dir,
+        train_size=train_size,
+        test_size=test_size,
+        standardize=standardize,
+    )
+
+
 def load(
     name: str,
     *,
@@ -118,7 +138,9 @@ def load(
     ``npz:PATH`` (arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``). Files are looked for
     in ``data_dir``, then ``$NNGP_DIST_DATA`` (and its ``<name>`` subfolder), then
     ``/usr/share/datasets/<name>``, then ``~/.cache/nngp_dist/<name>``; if absent there and
-    ``download`` is true they are downloaded to the cache and their checksums verified.
+    ``download`` is true, pooch downloads them over https into the cache and verifies their
+    published MD5 sums. A file that cannot be read (truncated, corrupt) is a :class:`UserError`
+    naming it.
 
     Examples
     --------
@@ -151,7 +173,9 @@ def load(
 
 
 def validate(ds: Dataset) -> None:
-    """Raise :class:`UserError` for empty sets, mismatched shapes, NaN or infinite values."""
+    """Raise :class:`UserError` for empty sets, mismatched shapes, NaN or infinite values,
+    unusable class labels (not 1-D, negative, a test class unseen in training, too many
+    classes) and inputs so large that the kernel would overflow float64."""
     for part in ("train", "test"):
         x, y = getattr(ds, f"x_{part}"), getattr(ds, f"y_{part}")
         if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
@@ -172,6 +196,81 @@ def validate(ds: Dataset) -> None:
         )
     if ds.y_train.shape[1:] != ds.y_test.shape[1:]:
         raise UserError(f"{ds.name}: train and test targets differ in shape per example")
+    _check_labels(ds)
+    for part in ("train", "test"):
+        _check_scale(ds.name, f"x_{part}", getattr(ds, f"x_{part}"))
+
+
+# Class labels are 0, 1, ..., C - 1 with C = the largest training label + 1; the targets and
+# predictions are (N, C) arrays, so C is capped: at most this, and at most max(N, 1000).
+MAX_CLASSES = 100_000
+# The kernel starts from the rows' inner products (scaled by the weight variance) and then
+# multiplies and takes square roots of products of them: a squared row norm above this could
+# overflow float64 (1.8e308) in a tile, after hours of computing others. It is checked on every
+# row here, not only on the few rows compute.probe evaluates.
+MAX_SQUARED_NORM = 1e150
+
+
+def _check_labels(ds: Dataset) -> None:
+    """Integer labels: 1-D, in [0, C) with C from the training labels (and not huge); the test
+    labels among the training set's classes."""
+    integer = [y.dtype.kind in "iub" for y in (ds.y_train, ds.y_test)]
+    if integer[0] != integer[1]:
+        kinds = ["integer labels" if i else "float targets" for i in integer]
+        raise UserError(
+            f"{ds.name}: y_train has {kinds[0]} but y_test {kinds[1]}; give both the same kind"
+        )
+    if not integer[0]:
+        return
+    for part in ("train", "test"):
+        y = getattr(ds, f"y_{part}")
+        if y.ndim != 1:
+            raise UserError(
+                f"{ds.name}: y_{part} has integer labels of shape {y.shape}; class labels must "
+                f"be 1-D, shape ({y.shape[0]},): flatten them (y.ravel()), or give float "
+                "targets of shape (N,) or (N, C)"
+            )
+        if y.min() < 0:
+            i = int(np.argmin(y))
+            raise UserError(
+                f"{ds.name}: y_{part} has the negative label {y[i]} (example {i}); class labels "
+                "must be 0, 1, ..., C-1"
+            )
+    n = len(ds.y_train)
+    i = int(np.argmax(ds.y_train))
+    c = int(ds.y_train[i]) + 1
+    if c > min(MAX_CLASSES, max(n, 1000)):
+        raise UserError(
+            f"{ds.name}: y_train's largest label is {c - 1} (example {i}), which makes {c} "
+            f"classes for {n} training examples: their one-hot targets would be a {n} x {c} "
+            f"array. Class labels must be 0, 1, ..., C-1 with C at most {MAX_CLASSES} and at "
+            "most the number of training examples (or 1000): renumber them, e.g. "
+            "np.unique(y, return_inverse=True)[1]"
+        )
+    j = int(np.argmax(ds.y_test))
+    if ds.y_test[j] >= c:
+        raise UserError(
+            f"{ds.name}: y_test has the label {ds.y_test[j]} (test example {j}), but the "
+            f"training labels are 0..{c - 1}: a class never seen in training cannot be "
+            "predicted (drop those test examples or renumber the labels)"
+        )
+
+
+def _check_scale(name: str, label: str, x: np.ndarray) -> None:
+    """Refuse inputs whose rows' squared norms could overflow the kernel (see
+    :data:`MAX_SQUARED_NORM`), naming the first such row."""
+    flat = x.reshape(len(x), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.einsum("ij,ij->i", flat, flat)
+    bad = ~(squared <= MAX_SQUARED_NORM)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"{name}: row {i} of {label} has squared norm {squared[i]:.3g} (largest |value| "
+            f"{np.abs(flat[i]).max():.3g}); the kernel would overflow float64 for it (squared "
+            f"norms must be at most {MAX_SQUARED_NORM:.0e}): rescale the inputs, or pass "
+            "--standardize"
+        )
 
 
 def _check_dims(ds: Dataset) -> None:
@@ -215,6 +314,11 @@ def _as_float(ds: Dataset) -> Dataset:
 
     def targets(y: np.ndarray) -> np.ndarray:
         if y.dtype.kind in "uib":
+            if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+                raise UserError(
+                    f"{ds.name}: a label of {y.max()} is far too large; class labels must be "
+                    "0, 1, ..., C-1"
+                )
             return y.astype(np.int64)
         if y.dtype.kind == "f":
             return y.astype(np.float64)
@@ -239,6 +343,10 @@ def _standardize(ds: Dataset) -> Dataset:
     return dataclasses.replace(ds, x_train=per_image(ds.x_train), x_test=per_image(ds.x_test))
 
 
+# What reading a truncated, corrupt or foreign file raises, in np.load, zipfile, gzip and zlib.
+UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(source: object, label: str) -> dict[str, np.ndarray]:
     try:
         with np.load(source, allow_pickle=False) as z:
@@ -248,10 +356,10 @@ def _read_npz(source: object, label: str) -> dict[str, np.ndarray]:
                     f"{label} lacks arrays {missing}; it needs x_train, y_train, x_test, y_test"
                 )
             return {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"cannot read {label} as npz: {e}") from None
+    except UserError:
+        raise
+    except UNREADABLE as e:  # truncated, corrupt or not an npz file at all
+        raise UserError(f"cannot read {label} as npz ({type(e).__name__}: {e})") from None
 
 
 # --- IDX ------------------------------------------------------------------------------------
@@ -312,8 +420,8 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
@@ -326,33 +434,26 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _download(url: str, dest: Path, md5: str) -> Path:
-    if dest.is_file() and _md5(dest) == md5:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """``url`` as ``dest``, fetched by pooch over https unless ``dest`` already has MD5 ``md5``.
+
+    pooch downloads to a temporary file, checks the hash and only then moves it into place, so
+    a failed or mismatched download leaves nothing behind."""
+    if not url.startswith("https://"):
+        raise UserError(f"refusing to download {url}: only https URLs are used")
+    import pooch  # only a download needs it
+
     try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as r,
-            tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp,
-        ):
-            shutil.copyfileobj(r, tmp)
-    except OSError as e:
+        got = pooch.retrieve(
+            url, known_hash=f"md5:{md5}", fname=dest.name, path=dest.parent, progressbar=False
+        )
+    except ValueError as e:  # pooch's hash mismatch
+        raise UserError(f"checksum mismatch for {url}: {e}; the file was not kept") from None
+    except Exception as e:  # requests' connection and HTTP errors, OSError
         raise UserError(
-            f"cannot download {url} ({e}); put the files in a folder and pass --data-dir"
+            f"cannot download {url} ({type(e).__name__}: {e}); put the files in a folder and "
+            "pass --data-dir"
         ) from None
-    got = _md5(Path(tmp.name))
-    if got != md5:
-        os.unlink(tmp.name)
-        raise UserError(f"checksum mismatch for {url}: MD5 {got}, expected {md5}; not used")
-    os.replace(tmp.name, dest)
-    return dest
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return Path(got)
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------
@@ -392,18 +493,24 @@ def _load_cifar(data_dir: str | os.PathLike | None, download: bool) -> dict:
             )
         cache = _cache_dir("cifar10")
         archive = _download(_CIFAR_URL, cache / "cifar-10-python.tar.gz", _CIFAR_MD5)
-        with tarfile.open(archive) as tar:
-            tar.extractall(cache, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(cache, filter="data")
+        except (tarfile.TarError, *UNREADABLE) as e:
+            raise UserError(f"cannot unpack {archive} ({type(e).__name__}: {e})") from None
         folder = cache / "cifar-10-batches-py"
     batches = []
     for n in names:
-        with open(folder / n, "rb") as f:
-            try:
+        try:
+            with open(folder / n, "rb") as f:
                 d = _ArraysOnly(f, encoding="bytes").load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
-                raise UserError(f"cannot read CIFAR-10 batch {folder / n}: {e}") from None
-        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        batches.append((x, np.asarray(d[b"labels"], dtype=np.int64)))
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(d[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, *UNREADABLE, TypeError, AttributeError) as e:
+            raise UserError(
+                f"cannot read CIFAR-10 batch {folder / n} ({type(e).__name__}: {e})"
+            ) from None
+        batches.append((x.transpose(0, 2, 3, 1), labels))
     return {
         "x_train": np.concatenate([b[0] for b in batches[:5]]),
         "y_train": np.concatenate([b[1] for b in batches[:5]]),

@@ -12,13 +12,20 @@ from typing import Any
 import numpy as np
 
 from . import backend, config, datasets
-from .cluster import scheduler_address, with_client, worker_memory
+from .cluster import (
+    check_job,
+    check_solve,
+    check_workers,
+    scheduler_address,
+    with_client,
+    worker_memory,
+)
 from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
 from .layout import ALPHA, Y_TEST, Y_TRAIN
 from .lock import check_free, store_lock
-from .options import ClusterOptions, PredictOptions, SolveOptions, integer, take
+from .options import ClusterOptions, PredictOptions, SolveOptions, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
 from .select import check_options, noise_grid
 from .solvers import cg
@@ -60,6 +67,7 @@ def kernel(
     progress: bool = True,
     client: Any = None,
     dry_run: bool = False,
+    force: bool = False,
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
 
@@ -76,9 +84,13 @@ def kernel(
     resnet32) is an error, not silently ignored.
 
     Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
-    spec, the store (one of another spec, dataset or tile size is refused unless ``overwrite``;
-    one another job writes, always), the scheduler. Returns a summary (tiles computed, skipped,
-    seconds). ``client``: a ``distributed.Client`` to use; ``dry_run``: only check, write none.
+    spec, the store (a store of another spec, dataset or tile size is refused unless
+    ``overwrite``; one another job is writing, always), and the scheduler. Returns a summary (tiles
+    computed and skipped, seconds). Pass ``client`` (a ``distributed.Client``) to use it instead
+    of connecting. ``dry_run`` stops after the checks (nothing is written, no cluster is
+    contacted). Tiles under 16, and a local store whose disk has less free space than the
+    kernel's estimated size, are refused unless ``force``; so is a worker memory limit too small
+    for a tile.
 
     Examples
     --------
@@ -87,22 +99,17 @@ def kernel(
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
     conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
+    config.checked()
     spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
-    if not isinstance(dataset, datasets.Dataset):
-        dataset = datasets.load(
-            dataset,
-            data_dir=data_dir,
-            train_size=train_size,
-            test_size=test_size,
-            standardize=standardize,
-        )
-    spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device)
+    dataset = datasets.as_dataset(dataset, data_dir, train_size, test_size, standardize)
+    spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device, force)
     if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
         _need_gpu()  # the embedded cluster's workers are this machine's
     store = normalize_url(store)
     meta = KernelStore.identity(spec, data, tile_size, dtype)
     action = KernelStore.check(store, meta, overwrite=overwrite, replace_test=replace_test)
     plan = TilePlan(len(data.x_train), len(data.x_test), tile_size)
+    check_job(store, action, plan, data.x_train.shape[1], dtype, memory_limit, force=force)
     if dry_run:
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
     with store_lock(store, "kernel"):  # one writer per store; _fill decides again under it
@@ -126,6 +133,8 @@ def _fill(
     with the options ``how`` (under the store's lock), then compute its missing tiles with client
     ``c`` (None: in this process)."""
     action = KernelStore.check(store, meta, **how)
+    if c is not None:
+        check_workers(c, plan.tile_size, data.x_train.shape[1])
     if c is not None and progress:
         print(f"dashboard: {c.dashboard_link}", file=sys.stderr)
     if action == "create":
@@ -146,18 +155,20 @@ def _need_gpu() -> None:
 
 
 def _resolve(
-    spec: Spec, dataset: datasets.Dataset, tile_size: int | None, dtype: str | None, device: str
+    spec: Spec,
+    dataset: datasets.Dataset,
+    tile_size: int | None,
+    dtype: str | None,
+    device: str,
+    force: bool = False,
 ) -> tuple[Spec, datasets.Dataset, int, str]:
     """The spec with the images' shape, the flattened data, the tile size and the dtype, all
     checked (the kernel is probed on a few inputs before the tile size is chosen, so that a
     bad geometry is reported clearly)."""
     if tile_size is not None or not spec.is_image:
-        tile_size = integer("--tile-size", config.get("tile-size", tile_size))
-        if tile_size < 1:
-            raise UserError(f"--tile-size must be positive, got {tile_size}")
-    dtype = str(config.get("dtype", dtype))
-    if dtype not in ("float64", "float32"):
-        raise UserError(f"--dtype must be float64 or float32, got {dtype!r}")
+        sizes = (len(dataset.x_train), len(dataset.x_test))
+        tile_size = config.tile_size(tile_size, force=force, sizes=sizes)
+    dtype = config.value("dtype", dtype)
     data = dataset.flattened()
     try:
         spec = spec.with_image_shape(dataset.x_train.shape[1:])
@@ -231,6 +242,7 @@ def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: 
     ``scheduler``, ``workers``, ``memory_limit``). With ``reuse`` (as ``run`` does), a store
     whose last solve completed with the same options keeps it, and its predictions.
     """
+    config.checked()
     cluster = take(options, ClusterOptions)
     opts = SolveOptions.checked(**options)
     KernelStore.open(store)  # a clear error if there is no store, before the lock
@@ -265,6 +277,7 @@ def _solved_with(ks: KernelStore, opts: SolveOptions) -> bool:
 
 def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -> dict:
     t_train, by = _solve_inputs(ks, opts)
+    check_solve(ks, opts.method, cluster.get("memory_limit"))
 
     def go(c: Any) -> dict:
         start = time.perf_counter()
@@ -394,6 +407,7 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
     left out. ``options`` are those of :class:`~nngp_dist.options.PredictOptions`
     (``json_path``, ``bins``) and :class:`~nngp_dist.options.ClusterOptions`.
     """
+    config.checked()
     cluster = take(options, ClusterOptions)
     opts = PredictOptions.checked(**options)
     KernelStore.open(store)  # a clear error if there is no store, before the lock

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed import as_completed
 
-from . import datasets
+from . import config, datasets
 from .cluster import with_client
 from .compute import probe
 from .errors import UserError
@@ -168,7 +168,7 @@ def sweep(
     *,
     dataset: str = "demo",
     train_size: int | None = None,
-    validation_size: int = 10000,
+    validation_size: int | None = None,
     depths: Any = "1-5",
     weight_vars: Any = "0.5:2.5:5",
     bias_vars: Any = "0:0.4:5",
@@ -258,7 +258,9 @@ def _best(rows: list[dict], select_by: str) -> tuple[dict, str]:
 
 
 def _grid(depths: Any, weight_vars: Any, bias_vars: Any, noises: Any) -> tuple[list, ...]:
-    """The grid's axes parsed: depths, weight variances, bias variances, relative noises."""
+    """The grid's axes parsed: depths, weight variances, bias variances, relative noises (and,
+    as the first of the sweep's checks, the nngp-dist config values)."""
+    config.checked()
     noise_list = parse_grid("noise", noises)
     if min(noise_list) <= 0:
         raise UserError("--noise values must be positive (relative to the mean diagonal)")
@@ -323,15 +325,20 @@ def _split(
     ds: datasets.Dataset,
     name: str,
     train_size: int | None,
-    validation_size: int,
+    validation_size: int | None,
 ) -> _Split:
+    """The fitted points and the validation split (by default a fifth of the training set, at
+    most 10,000), checked."""
     n_all = len(ds.x_train)
-    v = int(validation_size)
+    v = min(10000, n_all // 5) if validation_size is None else int(validation_size)
     n = n_all - v if train_size is None else int(train_size)
     if v < 1 or n < 1 or n + v > n_all:
+        given = f"--validation-size {v}" + ("" if validation_size is not None else " (default)")
+        given += f" with --train-size {n}" if train_size is not None else ""
         raise UserError(
-            f"--train-size {n} and --validation-size {v} must be positive and together at most "
-            f"the {n_all} training examples of {name} (validation = the last {v})"
+            f"{given}: the validation split (the last V training examples) and the fitted "
+            "points (the first N; by default all the others) must be non-empty and together "
+            f"at most the {n_all} training examples of {name}"
         )
     labels = ds.y_train.dtype.kind in "iu"
     n_classes = int(ds.y_train.max() + 1) if labels else None

@@ -41,7 +41,7 @@ def image_tile_size(spec: Any, largest: int | None = None, *, gpu: bool = False)
     if largest is None:
         from . import config
 
-        largest = int(config.get("tile-size"))
+        largest = config.value("tile-size")
     if gpu:
         return largest
     edge = int(math.sqrt(IMAGE_TILE_WORK / spec.map_entries_per_pair()))
@@ -63,7 +63,7 @@ def solve_block_size(spec: Any, tile: int, largest: int | None = None) -> int:
     if largest is None:
         from . import config
 
-        largest = int(config.get("tile-size"))
+        largest = config.value("tile-size")
     return int(tile) * max(1, round(largest / tile))
 
 

@@ -130,6 +130,12 @@ def test_unknown_dataset():
 
 
 def test_download_checks_the_checksum(tmp_path, monkeypatch):
+    """pooch fetches the files over https with the published MD5 sums (its retrieve mocked:
+    no network); a mismatch is a UserError and nothing is kept; a verified cache is reused."""
+    import hashlib
+
+    import pooch
+
     from nngp_dist import datasets
 
     src = tmp_path / "mirror"
@@ -138,16 +144,125 @@ def test_download_checks_the_checksum(tmp_path, monkeypatch):
     for prefix, n in (("train", 12), ("t10k", 4)):
         write_idx(src, f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 3, 3)), True)
         write_idx(src, f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), True)
-    sums = {p.name: datasets._md5(p) for p in src.iterdir()}
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    calls = []
+
+    def retrieve(url, known_hash, fname, path, progressbar=False):
+        calls.append((url, known_hash))
+        dest = Path(path) / fname
+        if dest.is_file() and known_hash == "md5:" + hashlib.md5(dest.read_bytes()).hexdigest():
+            return str(dest)
+        data = (src / url.rsplit("/", 1)[1]).read_bytes()
+        if known_hash != "md5:" + hashlib.md5(data).hexdigest():
+            raise ValueError(f"MD5 hash of downloaded file ({fname}) does not match")
+        Path(path).mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return str(dest)
+
+    monkeypatch.setattr(pooch, "retrieve", retrieve)
     cache = tmp_path / "cache"
     monkeypatch.setattr(datasets, "_search_dirs", lambda name, d: [cache / name])
     monkeypatch.setattr(datasets, "_cache_dir", lambda name: cache / name)
+    url = "https://example.org/mnist/"
     bad = {**sums, "t10k-labels-idx1-ubyte.gz": "0" * 32}
-    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (src.as_uri() + "/", bad))
+    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (url, bad))
     with pytest.raises(UserError, match="checksum mismatch"):
         load_dataset("mnist")
     assert not (cache / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()  # not kept
-    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (src.as_uri() + "/", sums))
+    monkeypatch.setitem(datasets._IDX_FILES, "mnist", (url, sums))
     assert load_dataset("mnist").x_train.shape == (12, 3, 3)
-    monkeypatch.setitem(datasets._IDX_FILES, "mnist", ("file:///nonexistent/", sums))
-    assert load_dataset("mnist").x_test.shape == (4, 3, 3)  # verified cache, no download
+    assert {u for u, _ in calls} == {url + f for f in sums}
+    assert all(h == "md5:" + sums[u.rsplit("/", 1)[1]] for u, h in calls[-4:])
+
+
+def test_downloads_are_https_with_the_published_checksums(monkeypatch, tmp_path):
+    from nngp_dist import datasets
+
+    for url, files in datasets._IDX_FILES.values():
+        assert url.startswith("https://") and all(len(md5) == 32 for md5 in files.values())
+    assert datasets._CIFAR_URL.startswith("https://") and len(datasets._CIFAR_MD5) == 32
+    with pytest.raises(UserError, match="only https"):
+        datasets._download("http://example.org/f.gz", tmp_path / "f.gz", "0" * 32)
+    import pooch
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
+    with pytest.raises(UserError, match="--data-dir"):
+        datasets._download("https://example.org/f.gz", tmp_path / "f.gz", "0" * 32)
+
+
+def test_lookup_order_data_dir_env_system_cache(monkeypatch, tmp_path):
+    from nngp_dist import datasets
+
+    monkeypatch.setenv("NNGP_DIST_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets._search_dirs("mnist", tmp_path / "d") == [tmp_path / "d"]
+    assert datasets._search_dirs("mnist", None) == [
+        tmp_path / "env" / "mnist",
+        tmp_path / "env",
+        Path("/usr/share/datasets/mnist"),
+        tmp_path / "xdg" / "nngp_dist" / "mnist",
+    ]
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"y_train": np.zeros((10, 1), int), "y_test": np.zeros((4, 1), int)}, r"shape \(10,\)"),
+        ({"y_train": np.array([0, 1, -1, 0, 1, 0, 1, 0, 1, 0])}, "negative label -1"),
+        ({"y_test": np.array([0, 1, 2, 0])}, "label 2 .test example 2"),
+        ({"y_train": np.array([0, 1, 10**9, 0, 1, 0, 1, 0, 1, 0])}, "1000000001 classes"),
+        ({"y_train": np.array([0, 1, 2**63 + 5, 0, 1, 0, 1, 0, 1, 0], np.uint64)}, "too large"),
+        ({"y_test": np.zeros(4)}, "integer labels but y_test float"),
+    ],
+)
+def test_bad_labels_are_refused(tmp_path, over, match):
+    with pytest.raises(UserError, match=match):
+        load_dataset(npz(tmp_path, **over))
+
+
+def test_float_targets_and_many_classes_are_kept(tmp_path):
+    rng = np.random.default_rng(4)
+    for y, yt in ((rng.random(10), rng.random(4)), (rng.random((10, 3)), rng.random((4, 3)))):
+        ds = load_dataset(npz(tmp_path, y_train=y, y_test=yt))
+        np.testing.assert_array_equal(ds.y_train, y)
+    labels = np.arange(10) * 99  # 892 classes for 10 examples: sparse, but allowed
+    assert load_dataset(npz(tmp_path, y_train=labels)).y_train.max() == 891
+
+
+def test_inputs_that_would_overflow_the_kernel_are_refused_by_row(tmp_path):
+    x = np.random.default_rng(5).random((300, 6))
+    x[250, 3] = 1e160  # finite, but its square is not
+    with pytest.raises(UserError, match="row 250 of x_train"):
+        load_dataset(npz(tmp_path, x_train=x, y_train=np.arange(300) % 2))
+    x[250, 3] = 1e74  # squared norm 1e148: fine
+    assert load_dataset(npz(tmp_path, x_train=x, y_train=np.arange(300) % 2)).x_train[250, 3]
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_npz_is_a_user_error_naming_the_file(tmp_path, cut):
+    path = Path(npz(tmp_path)[4:])
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * cut)])
+    with pytest.raises(UserError, match=str(path)):
+        load_dataset(f"npz:{path}")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bad-block"])
+def test_corrupt_gzip_idx_is_a_user_error(tmp_path, damage):
+    rng = np.random.default_rng(6)
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path, f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 8, 8)), True)
+        write_idx(tmp_path, f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 2, 5), True)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(bad.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        start = raw.index(0, 10) + 1  # after the header's file name: the deflate stream
+        raw[start] = 0xFF  # its first block's header: an invalid block type (zlib.error)
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="t10k-images"):
+        load_dataset("mnist", data_dir=tmp_path)

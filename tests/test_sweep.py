@@ -196,3 +196,15 @@ def test_figures_refuse_unfinished_store(tmp_path, client):
     )
     res = CliRunner().invoke(main, ["figures", "--store", str(store), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "finished run" in res.output
+
+
+def test_default_validation_split_fits_the_dataset_and_errors_name_what_was_given():
+    from nngp_dist.sweep import _split
+
+    ds = datasets.load("demo").flattened()  # 2000 training images
+    split = _split(ds, "demo", None, None)  # the CLI's defaults
+    assert (len(split.x_fit), len(split.x_val)) == (1600, 400)
+    with pytest.raises(UserError, match=r"--validation-size 10000: .* at most the 2000"):
+        _split(ds, "demo", None, 10000)
+    with pytest.raises(UserError, match="--validation-size 400 .default. with --train-size 1900"):
+        _split(ds, "demo", 1900, None)
