@@ -272,8 +272,8 @@ class _NNGP(BaseEstimator):
         data = datasets.from_arrays(_DATASET, X, y_fit, X[:1], y_fit[:1])
         tmp = _TempStore() if self.store is None else None
         url = tmp.url if tmp is not None else self.store
-        # kernel and solve as one writer: no other job between them
-        with self._client() as c, store_lock(url, "fit"):
+        # kernel and solve as one writer (no other job between them), refused before a cluster
+        with store_lock(url, "fit"), self._client() as c:
             self._kernel(url, data, c, tile_size=self.tile_size, dtype=self.dtype)
             solved = jobs.solve(
                 url,
