@@ -226,7 +226,7 @@ def probe(spec: Spec, data: Any, dtype: str) -> None:
     (one that does not take arrays, or cannot be rebuilt on the workers) or overflowing inputs
     fail here with a :class:`UserError`, not inside a tile."""
     try:
-        Spec.from_dict(spec.to_dict(), trust_code=True)  # the caller's own spec
+        Spec.from_dict(spec.to_dict(), trust=True)  # the caller's own spec
     except ValueError as e:
         raise UserError(
             f"the activation {spec.activation.name!r} cannot be recorded in the store and "

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, config, datasets
+from . import backend, config, datasets, laplace
 from .cluster import (
     check_job,
     check_solve,
@@ -52,6 +52,14 @@ def kernel(
     padding: str | None = None,
     skip_every: int | None = None,
     readout: str | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    prior_precision: float | None = None,
+    output: Any = None,
+    input_shape: Any = None,
+    trust_code: bool = False,
+    likelihood: str | None = None,
+    sigma: float | None = None,
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -71,38 +79,30 @@ def kernel(
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
 
-    ``dataset`` is a name (see :func:`nngp_dist.datasets.load`) or a
-    :class:`~nngp_dist.datasets.Dataset` (:func:`~nngp_dist.datasets.from_arrays`). With
+    ``dataset`` is a name (:func:`nngp_dist.datasets.load`) or a ``Dataset``. With
     ``replace_test``, a store of the same spec and training set but another test set keeps its
-    training kernel (and factor and solution) and gets the new test set's tiles.
+    training kernel (and factor and solution) and gets the new test set's tiles. Image nets
+    (``arch`` conv or resnet32) take the images' shape from the dataset and, without
+    ``tile_size``, a tile from ``image_tile_size``; an option the architecture lacks is an
+    error. ``arch="trained"``: a trained network (a factory imported only with ``trust_code``);
+    ``likelihood`` and ``sigma`` are checked against it.
 
-    Image networks (``arch`` conv or resnet32; ``filter_size``, ``stride``, ``dilation``,
-    ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`, whose
-    defaults apply where they are None) take the images' shape from the dataset, and without
-    ``tile_size`` get one chosen by :func:`~nngp_dist.tiling.image_tile_size`. An option the
-    architecture does not have (the conv options with fc, ``depth`` or the conv options with
-    resnet32) is an error, not silently ignored.
-
-    Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
-    spec, the store (a store of another spec, dataset or tile size is refused unless
-    ``overwrite``; one another job is writing, always), and the scheduler. Returns a summary (tiles
-    computed and skipped, seconds). Pass ``client`` (a ``distributed.Client``) to use it instead
-    of connecting. ``dry_run`` stops after the checks (nothing is written, no cluster is
-    contacted). Tiles under 16, and a local store whose disk has less free space than the
-    kernel's estimated size, are refused unless ``force``; so is a worker memory limit too small
-    for a tile.
+    All is checked before the first tile is written: data, spec, store (one of another spec,
+    dataset or tile size refused unless ``overwrite``; one another job writes, always), the
+    scheduler, worker memory, tiles under 16 and free disk (unless ``force``). Returns tiles
+    computed and skipped, seconds. ``client``: a Client to use; ``dry_run``: only check.
 
     Examples
     --------
-    >>> kernel("demo.zarr", dataset="demo", depth=3, weight_var=1.45, bias_var=0.28,
-    ...        train_size=500, test_size=100)  # doctest: +SKIP
+    >>> kernel("k.zarr", dataset="demo", depth=3, train_size=500, test_size=100)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
-    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
+    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS + TRAINED_OPTIONS}
     config.checked()
-    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
+    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv, trust_code)
     dataset = datasets.as_dataset(dataset, data_dir, train_size, test_size, standardize)
     spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device, force)
+    laplace.check_inputs(spec, data, likelihood, sigma)
     if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
         _need_gpu()  # the embedded cluster's workers are this machine's
     store = normalize_url(store)
@@ -183,7 +183,13 @@ def _resolve(
 
 # Which of the architecture options each architecture has; the others are refused, not ignored.
 CONV_OPTIONS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout")
-ARCH_OPTIONS = {"fc": ("depth",), "conv": ("depth", *CONV_OPTIONS), "resnet32": ()}
+TRAINED_OPTIONS = ("model", "weights", "prior_precision", "output", "input_shape")
+ARCH_OPTIONS = {
+    "fc": ("depth",),
+    "conv": ("depth", *CONV_OPTIONS),
+    "resnet32": (),
+    "trained": TRAINED_OPTIONS,
+}
 
 
 def _spec(
@@ -194,17 +200,21 @@ def _spec(
     bias_var: float,
     kernel: str,
     conv: dict,
+    trust: bool = False,
 ) -> Spec:
     """The architecture from the kernel options, refusing options ``arch`` does not have."""
     given = {k: v for k, v in {"depth": depth, **conv}.items() if v is not None}
     unused = [k for k in given if k not in ARCH_OPTIONS.get(arch, given)]
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
+        fixed = {"resnet32": "has a fixed layout", "trained": "is a trained network"}.get(
+            arch, "has no conv layers"
+        )
         one = len(unused) == 1
+        other = "trained" if set(unused) & set(TRAINED_OPTIONS) else "conv"
         raise UserError(
             f"{flags} {'does' if one else 'do'} not apply to --arch {arch}, which "
-            f"{fixed}: drop {'it' if one else 'them'} (or use --arch conv)"
+            f"{fixed}: drop {'it' if one else 'them'} (or use --arch {other})"
         )
     try:
         return Spec(
@@ -214,6 +224,7 @@ def _spec(
             bias_var=bias_var,
             kernel=kernel,
             **given,
+            trust=trust,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -463,7 +474,9 @@ def _predict(
 
 
 def run(store: str, *, progress: bool = True, **options: Any) -> dict:
-    """Kernel, solve and predict in one go on one cluster; returns the predict report.
+    """Kernel, solve and predict in one go on one cluster; returns the predict report. With
+    ``likelihood`` (a trained network), the Laplace-GP posterior of :mod:`nngp_dist.laplace`
+    instead of the solve and predict stages (whose noise options do not apply to it).
 
     ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
     checked before the kernel is computed, not after. A store already solved with the same
@@ -476,9 +489,15 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     PredictOptions.checked(**predict_kw)
     if cluster.get("scheduler") == "synchronous":
         cluster["scheduler"] = None
+    post = {k: kernel_kw.get(k) for k in ("likelihood", "sigma", "trust_code")}
+    post["samples"] = kernel_kw.pop("samples", None)
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_kw)
+        if post["likelihood"] is not None:  # a trained network's Laplace-GP posterior
+            return laplace.posterior(
+                store, client=c, progress=progress, json_path=predict_kw.get("json_path"), **post
+            )
         solve(store, client=c, progress=progress, reuse=True, **solve_kw)
         return predict(store, client=c, progress=progress, **predict_kw)
 

@@ -11,6 +11,11 @@ With ``K + s I = U^T U`` (``chol``, upper tiles; docs/science.md, Exact GP regre
 * ``log p(T) = -1/2 sum_c T_c^T alpha_c - C/2 log det(K + s I) - C N/2 log 2 pi`` (summed over
   the C output columns): :func:`log_marginal_likelihood`, the one place it is written.
 
+A store with a noise scale ``S = sqrt(Lambda)`` (per-point noise ``1 / Lambda``, the
+Laplace-GP posterior of a trained network) holds the factor of ``S K S + s I`` instead, and
+``(K + Lambda^-1)^-1 = S (S K S + I)^-1 S``: alpha and the forward solves of the variances
+apply S on both sides, and ``log det(K + Lambda^-1) = log det(S K S + I) - 2 sum log S``.
+
 A store solved by CG has no factor: its predictions solve ``(K + s I) Z = K_D*`` by PCG per
 block of test points instead (:func:`predict_test` picks the path from the solve record).
 Classification targets are one-hot with 0.9 for the true class and -0.1 elsewhere (Lee et al.);
@@ -31,6 +36,7 @@ from .layout import (
     CHOL,
     K_TEST_DIAG,
     K_TEST_TRAIN,
+    LAPLACE_SCALE,
     MEAN,
     PREDICT,
     T_TRAIN,
@@ -93,7 +99,14 @@ def leading_alpha(
 def _solve_alpha(ctx: TaskContext, g: Any) -> dict:
     """Worker task: alpha = (K + s I)^-1 T from the factor; the LML's two data terms."""
     tt = np.asarray(read_checked(g[T_TRAIN], url=ctx.url), dtype=np.float64)
-    a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt, ctx.url)
+    if LAPLACE_SCALE in g:
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)[:, None]
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, scale * tt, ctx.url)
+        a *= scale
+        with np.errstate(divide="ignore"):
+            logdet -= 2.0 * float(np.log(scale).sum())  # +inf where a point has no precision
+    else:
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt, ctx.url)
     g[ALPHA][...] = a
     return {"quad": float((tt * a).sum()), "logdet": logdet}
 
@@ -121,7 +134,12 @@ def _predict_block(ctx: TaskContext, g: Any, m: int, block: int, b: int) -> Reco
     ]
     alpha = read_checked(g[ALPHA], url=ctx.url)
     mean = sum(k_blocks[j] @ alpha[ctx.span(j)] for j in range(ctx.blocks))
-    w = Factor(g[CHOL], ctx.t, ctx.n, ctx.url).forward([kb.T.copy() for kb in k_blocks])
+    if LAPLACE_SCALE in g:
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
+        cols = [scale[ctx.span(j), None] * k_blocks[j].T for j in range(ctx.blocks)]
+    else:
+        cols = [kb.T.copy() for kb in k_blocks]
+    w = Factor(g[CHOL], ctx.t, ctx.n, ctx.url).forward(cols)
     diag = np.asarray(read_checked(g[K_TEST_DIAG], rows, url=ctx.url), np.float64)
     var = diag - sum((wi * wi).sum(0) for wi in w)
     clamped = int((var < 0).sum())

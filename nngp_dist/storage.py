@@ -53,6 +53,7 @@ from .layout import (
     K_TRAIN_DIAG,
     K_TRAIN_TRAIN,
     KERNEL_ARRAYS,
+    LAPLACE_SCALE,
     LOCK,
     MEAN,
     PREDICT,
@@ -326,7 +327,7 @@ class KernelStore:
     @property
     def spec(self) -> Spec:
         """The store's architecture (see :meth:`open` for a spec that names Python code)."""
-        return Spec.from_dict(self.meta["spec"], trust_code=self.trust_code)
+        return Spec.from_dict(self.meta["spec"], trust=self.trust_code)
 
     @property
     def plan(self) -> TilePlan:
@@ -450,6 +451,36 @@ class KernelStore:
         """The mean of the training kernel's diagonal: the unit of the relative ``noise``
         (the absolute jitter on the diagonal is ``noise * mean_diag``)."""
         return float(np.mean(self.read(K_TRAIN_DIAG, complete=True)))
+
+    def noise_unit(self) -> float:
+        """What the solvers' relative noise is relative to: the mean training diagonal, or 1
+        for a store with a noise scale (:meth:`set_noise_scale`), whose factor is that of
+        ``S K S + noise I``."""
+        return 1.0 if self.has(LAPLACE_SCALE) else self.mean_diag()
+
+    def set_noise_scale(self, scale: np.ndarray) -> None:
+        """Per-point noise: from now on the factor is that of ``S K S + s I`` with ``S =
+        diag(scale)`` (``scale = sqrt(Lambda)``, the noise precision's square root), so that
+        ``(K + Lambda^-1)^-1 = S (S K S + I)^-1 S`` holds for any ``Lambda >= 0`` (Rasmussen and
+        Williams 2006, eq. 3.26). A factor and solution made with another scale are dropped."""
+        scale = np.asarray(scale, dtype=np.float64)
+        if self.has(LAPLACE_SCALE) and np.array_equal(self.read(LAPLACE_SCALE), scale):
+            return
+        self.drop_factor()
+        self.drop(T_TRAIN, ALPHA, MEAN, VARIANCE, record(PREDICT))
+        self.update_meta(factor=None, solve=None, predict=None)
+        n, t = self.meta["n_train"], solve_block(self.meta)
+        self._create(LAPLACE_SCALE, (n,), (t,), "float64", compress=False)
+        self._group[LAPLACE_SCALE][...] = scale
+
+    def prepare_laplace(self, outputs: int) -> None:
+        """The Laplace-GP posterior's ``mean`` and ``variance``, (M, C), and one prediction
+        record (the posterior is assembled from the output stores in one step)."""
+        m = self.meta["n_test"]
+        for name in (MEAN, VARIANCE):
+            self._create(name, (m, outputs), (max(m, 1), outputs), "float64", dims=DIMS[MEAN])
+        self._create(record(PREDICT), (1,), (1,), "float32", compress=False, dims=("test_block",))
+        self.update_meta(predict_block=max(m, 1), predict=None)
 
     def _create(
         self,

@@ -135,6 +135,8 @@ LAYERS = (
         "nngp_dist.figures",
         "nngp_dist.detached",
         "nngp_dist.estimator",
+        "nngp_dist.laplace",
+        "nngp_dist.laplace_estimator",
         "nngp_dist.verify",
     ),
     (
@@ -154,6 +156,7 @@ LAYERS = (
         "nngp_dist.backend",
         "nngp_dist.config",
         "nngp_dist.errors",
+        "nngp_dist.likelihoods",
         "nngp_dist._version",
     ),
 )

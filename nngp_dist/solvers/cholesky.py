@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from distributed import as_completed, wait
 
-from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, record
+from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, LAPLACE_SCALE, record
 from ..progress import progress_bar
 from ..storage import KernelStore, read_checked, utcnow
 from ..workers import Recorded, TaskContext, store_task
@@ -41,14 +41,19 @@ __all__ = ["NotPositiveDefinite", "count_operations", "factorize"]
 
 
 def _read_a(ctx: TaskContext, g: Any, i: int, j: int, step: int, jitter: float) -> np.ndarray:
-    """The tile (i, j) of A after ``step`` updates, as float64."""
+    """The tile (i, j) of A after ``step`` updates, as float64: at step 0 the kernel's tile, or
+    ``S K S`` with the store's noise scale S (``laplace_scale``) where it has one."""
     rows, cols = ctx.span(i), ctx.span(j)
     # A diagonal block's upper triangle is authoritative: below it, a block spanning several
     # kernel tiles holds the never-written lower tiles (NaN), in the kernel and in its updates.
     complete = "upper" if i == j else True
     if step == 0:
         a = read_checked(g[K_TRAIN_TRAIN], (rows, cols), url=ctx.url, complete=complete)
-        return add_jitter(a, jitter) if i == j else np.asarray(a, dtype=np.float64)
+        a = np.asarray(a, dtype=np.float64)
+        if LAPLACE_SCALE in g:
+            scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
+            a = scale[rows, None] * a * scale[None, cols]
+        return add_jitter(a, jitter) if i == j else a
     return read_checked(g[CHOL_WORK[step % 2]], (rows, cols), url=ctx.url, complete=complete)
 
 
@@ -181,12 +186,13 @@ def factorize(
     """Factor ``k_train_train + s I`` into ``chol``; escalate the noise on a non-positive pivot.
 
     ``noise`` is relative to the mean of the training diagonal; the jitter added to the diagonal
-    is ``s = noise * mean(diag K)`` (:meth:`KernelStore.mean_diag`). If a pivot is not
+    is ``s = noise * mean(diag K)`` (:meth:`KernelStore.noise_unit`: for a store with a noise
+    scale S the unit is 1 and the matrix ``S K S + s I``). If a pivot is not
     positive, the factorisation restarts with the noise multiplied by 10, up to ``max_noise``;
     every attempt is recorded in the store's ``factor`` attribute, whose ``noise`` is the
     absolute jitter ``s`` and ``noise_rel`` the relative noise. Returns that record.
     """
-    mean_diag = store.mean_diag()
+    mean_diag = store.noise_unit()
     nt = TaskContext.of(store).blocks
     rec = store.meta.get("factor") or {}
     if rec.get("noise_requested") == noise and rec.get("noise_rel"):
