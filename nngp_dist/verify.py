@@ -15,7 +15,8 @@ A repair deletes each bad chunk (it then reads as not written) and forgets what 
   stops the factorisation that reads it);
 * a factor block, a work tile or their records, at block row ``i``: the factor from row ``i``
   on, and the solution (the next solve of the same options recomputes those rows only);
-* ``t_train``, ``alpha`` or a CG preconditioner's scratch: the solution (solved again);
+* ``t_train``, ``alpha``, a CG preconditioner's scratch or a Laplace noise scale: the
+  solution (solved again);
 * a prediction block of ``mean`` or ``variance``, or its record: that block and the report.
 
 The inputs (``x_*``, ``y_*``) cannot be recomputed from the store: a bad input chunk is reported
@@ -38,6 +39,7 @@ from .layout import (
     CHOL_STEP,
     CHOL_WORK,
     KERNEL_ARRAYS,
+    LAPLACE_SCALE,
     MEAN,
     PREDICT,
     T_TRAIN,
@@ -55,7 +57,7 @@ __all__ = ["verify"]
 
 INPUTS = (X_TRAIN, Y_TRAIN, X_TEST, Y_TEST)
 FACTOR = (CHOL, *CHOL_WORK, record(CHOL), record(CHOL_STEP))
-SOLUTION = (T_TRAIN, ALPHA, CG_NYSTROM, CG_BLOCKJACOBI)
+SOLUTION = (T_TRAIN, ALPHA, CG_NYSTROM, CG_BLOCKJACOBI, LAPLACE_SCALE)
 POSTERIOR = (MEAN, VARIANCE, record(PREDICT))
 STAGES = ("kernel", "solve", "predict")
 
