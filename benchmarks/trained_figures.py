@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     with (
         tempfile.TemporaryDirectory(prefix="nngp-trained-figures-") as folder,
         LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                     dashboard_address=None) as cluster,
+                     dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):  # fmt: skip
         files, ratio = {}, None

@@ -199,7 +199,7 @@ def lml_png(rows: list[dict], path: str, *, caption: str, error: str = "test MSE
     ax2.set_ylabel(error, color="C3")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
               ncol=2)  # fmt: skip
     ax.set_title(caption, fontsize=9)
     return _save(fig, path, dpi)
