@@ -633,8 +633,15 @@ def figures(sizes: str | None, **options: Any) -> None:
     size_list = [integer("--sizes", s) for s in sizes.split(",")] if sizes else None
     r = make(sizes=size_list, **options)
     for row in r["learning_curve"]:
-        acc = f"accuracy {row['accuracy']:.4f}, " if "accuracy" in row else ""
+        acc = (
+            f"accuracy {row['accuracy']:.4f} +- {row['accuracy_se']:.4f}, "
+            if "accuracy" in row
+            else ""
+        )
         click.echo(f"n_train {row['n_train']:>7d}: {acc}mse {row['mse']:.5g}")
+    click.echo("calibration (predicted variance, realised mse, realised / predicted):")
+    for b in r["calibration"]:
+        click.echo(f"  {b['mean_variance']:10.4g} {b['mse']:10.4g} {b['ratio']:7.3f}")
     for k, v in r["files"].items():
         click.echo(f"{k}: {v}")
 

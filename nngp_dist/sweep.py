@@ -470,5 +470,5 @@ def _write(
         )
     os.replace(json_path + ".tmp", json_path)
     png = os.path.join(out, f"sweep-depth{depth}.png")
-    sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png)
+    sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png, settings=settings)
     return {"csv": csv_path, "json": json_path, "heatmap": png}
