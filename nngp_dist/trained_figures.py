@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets
+from .datasets import class_names
 from .errors import UserError
 from .kernels import Spec
 from .layout import K_TRAIN_TRAIN, Y_TRAIN
@@ -50,18 +50,6 @@ def _save(fig: Any, path: str, dpi: int) -> str:
     os.replace(path + ".tmp" + ext, path)
     _pyplot().close(fig)
     return path
-
-
-_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-            "Bag", "Ankle boot")  # fmt: skip
-
-
-def _class_names(dataset: str, labels: Any) -> list[str]:
-    names = getattr(datasets, "class_names", None)  # TODO(merge): main's datasets.class_names
-    if names:
-        return names(dataset, labels)
-    known = _FASHION if dataset in ("demo", "fashion-mnist") else ()
-    return [known[k] if k < len(known) else f"class {k}" for k in map(int, labels)]
 
 
 def _train_kernel(ks: KernelStore, s: int) -> np.ndarray:
@@ -101,7 +89,7 @@ def trace_kernel_png(
     d = np.sqrt(np.diag(k))
     starts = np.concatenate([[0], np.flatnonzero(np.diff(ys)) + 1])
     centres = (starts + np.concatenate([starts[1:], [s]]) - 1) / 2
-    names = _class_names(ks.meta["dataset"], ys[starts])
+    names = class_names(ks.meta["dataset"], ys[starts])
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 5.0))
     panels = (
