@@ -5,16 +5,19 @@ bounded memory).
 * nngp_dist: ``jobs.kernel(arch="trained")`` on a ``torch.export`` archive of the network, on
   the embedded cluster of 2 single-threaded worker processes (``workers=2``); the time is the
   kernel stage's (``seconds`` of its summary: planning, the tiles and their writes; not the
-  cluster's start, which is reported apart as the wall time of the call). Two kernels: the
-  trace kernel ``sum_c J_c J_c^T / delta`` (one store, what ``run --arch trained`` computes
-  first) and, as ``--outputs all`` adds, the C per-output kernels ``J_c J_c^T / delta`` that
-  the Laplace-GP posterior factors (C stores, one ``jobs.kernel(output=c)`` each on one such
-  cluster): the same kernels laplace-torch builds.
+  cluster's start, which is reported apart as the wall time of the call). The trace kernel
+  ``sum_c J_c J_c^T / delta`` (one store, what ``run --arch trained`` computes first): its
+  pass computes every output's kernel ``J_c J_c^T / delta`` of a tile (``per_output_cross``)
+  and sums them before writing, so it does the contractions of laplace-torch's C kernels.
+  ``--outputs all`` adds the C per-output stores that ``laplace.posterior`` factors today (one
+  ``jobs.kernel(output=c)`` each, each its own pass over the network's features: C times the
+  trace's work, a cost the posterior could save by writing all C outputs of a tile at once).
 * laplace-torch: ``Laplace(model, "classification", subset_of_weights="all",
   hessian_structure="gp", independent_outputs=True, n_subset=m)`` (its current names of
   ``diagonal_kernel=True`` and ``M=m``), ``.fit(loader)`` on the same m images (batches of
-  ``--batch``) with torch on 2 threads; ``fit`` builds the m x m x C kernel batch pair by
-  batch pair and then inverts C m x m matrices (the inversions are a small part at m = 1600).
+  ``--batch``) with torch on 2 threads; ``fit`` builds the C m x m kernels batch pair by
+  batch pair and then takes C Cholesky factors of m x m matrices (included in its time: at
+  m = 1600, C m^3 / 3 = 14 GFLOP, a few seconds on 2 cores).
 
 Each measurement runs in a fresh process (so that no caches or allocator state carry over and
 its peak memory is its own); the two engines alternate, the first one swapped every round.
