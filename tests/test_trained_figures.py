@@ -108,3 +108,15 @@ def test_lml_figure_needs_two_deltas(tmp_path):
         lml_png([{"delta": 1.0, "lml": 0.0, "test_error": 1.0}], str(tmp_path / "a.png"),
                 caption="x")  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_trace_kernel_figure_refuses_a_store_of_another_kernel(tmp_path, client):
+    from nngp_dist import jobs
+    from nngp_dist.trained_figures import trace_kernel_png
+
+    store = str(tmp_path / "fc.zarr")
+    jobs.kernel(store, dataset="demo", train_size=20, test_size=4, depth=1, tile_size=16,
+                progress=False, client=client)  # fmt: skip
+    with pytest.raises(UserError, match="not the trace kernel of a trained network"):
+        trace_kernel_png(store, str(tmp_path / "k.png"), network="x")
+    assert not (tmp_path / "k.png").exists()
