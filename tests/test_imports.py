@@ -137,6 +137,7 @@ LAYERS = (
         "nngp_dist.estimator",
         "nngp_dist.laplace",
         "nngp_dist.laplace_estimator",
+        "nngp_dist.trained_figures",
         "nngp_dist.verify",
     ),
     (
