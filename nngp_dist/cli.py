@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .errors import UserError
+from .errors import CorruptStore, UserError
 
 ACTIVATION_HELP = (
     "relu, leaky_relu:ALPHA, erf, tanh, gelu, linear, or module:function for any elementwise "
@@ -32,7 +32,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except JobError as e:
+        except (JobError, CorruptStore) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -519,7 +519,10 @@ def predict(quiet: bool, **options: Any) -> None:
     """Posterior means and variances of the test points; accuracy, MSE, calibration."""
     from . import jobs
 
-    _report(jobs.predict(progress=not quiet, **options))
+    r = jobs.predict(progress=not quiet, **options)
+    for text in r.get("warnings", []):  # said when solving; predict alone repeats it
+        click.echo(f"warning: {text}", err=True)
+    _report(r)
 
 
 @main.command()
@@ -886,6 +889,55 @@ def _show_status(st: dict) -> None:
         r = st["predict"]
         acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
         click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
+
+
+@main.command()
+@store_option
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Forget the bad chunks and what was computed from them, so that a re-run recomputes "
+    "just those (takes the store's lock).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@_user_errors
+def verify(store: str, repair: bool, as_json: bool) -> None:
+    """Read every chunk of a store and check it (checksum, and against the completion records).
+
+    Exit status 0 when every chunk is sound (or, with --repair, every bad one was repaired),
+    1 otherwise."""
+    from .verify import verify as check
+
+    r = check(store, repair=repair)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        for p in r["problems"]:
+            tile = ", ".join(map(str, p["tile"]))
+            click.echo(f"bad: array {p['array']}, tile ({tile}): {p['problem']}")
+        click.echo(f"{r['store']}: {r['chunks_checked']} chunks read, {len(r['problems'])} bad")
+        _verify_advice(r, repair)
+    if r["unrepairable"] or (r["problems"] and not repair):
+        sys.exit(1)
+
+
+def _verify_advice(r: dict, repair: bool) -> None:
+    if r["unrepairable"]:
+        click.echo(
+            "the inputs (x_*, y_*) cannot be recomputed from the store: make it again with the "
+            "same command and --overwrite",
+            err=True,
+        )
+    if not r["rerun"]:
+        return
+    stages = ", then ".join(r["rerun"])
+    if repair:
+        click.echo(
+            f"repaired: re-run 'nngp-dist run' with the store's options (or {stages}) to "
+            "recompute just what was forgotten"
+        )
+    else:
+        click.echo(f"repair: nngp-dist verify --store {r['store']} --repair", err=True)
 
 
 def _job_line(job: dict | None) -> str:

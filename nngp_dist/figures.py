@@ -32,7 +32,7 @@ from .datasets import class_names
 from .errors import UserError
 from .layout import ALPHA, CHOL, K_TEST_TRAIN, K_TRAIN_TRAIN, T_TRAIN, Y_TEST, Y_TRAIN
 from .predict import leading_alpha, metrics, targets
-from .storage import KernelStore, solve_block
+from .storage import KernelStore, read_checked, solve_block
 from .tiling import span, symmetric
 
 __all__ = [
@@ -224,11 +224,12 @@ def learning_curve(store: KernelStore, sizes: list[int] | None = None) -> list[d
         if size == n:
             alpha = store.read(ALPHA)
         else:
-            alpha = leading_alpha(store.array(CHOL), t, size, tt)[0]
+            alpha = leading_alpha(store.array(CHOL), t, size, tt, store.url)[0]
         mean = np.zeros((m, tt.shape[1]))
         for j in range(math.ceil(size / t)):
             cols = span(t, size, j)
-            mean += np.asarray(store.array(K_TEST_TRAIN)[:, cols], dtype=np.float64) @ alpha[cols]
+            block = read_checked(store.array(K_TEST_TRAIN), (slice(None), cols), url=store.url)
+            mean += np.asarray(block, dtype=np.float64) @ alpha[cols]
         sq = ((mean - truth) ** 2).mean(axis=1)
         row = {
             "n_train": size,
@@ -298,7 +299,8 @@ def _kernel_matrix(store: KernelStore, s: int) -> np.ndarray:
     for i in range(math.ceil(s / t)):
         for j in range(i, math.ceil(s / t)):
             r, c = span(t, s, i), span(t, s, j)
-            tile = np.asarray(store.array(K_TRAIN_TRAIN)[r, c], dtype=np.float64)
+            tile = read_checked(store.array(K_TRAIN_TRAIN), (r, c), url=store.url, complete=False)
+            tile = np.asarray(tile, dtype=np.float64)
             k[r, c] = tile
             k[c, r] = tile.T
     return symmetric(k)  # diagonal tiles hold their upper triangle

@@ -59,6 +59,7 @@ from .layout import (
     Y_TRAIN,
     record,
 )
+from .lock import store_lock
 from .options import ClusterOptions, positive, take
 from .predict import log_marginal_likelihood, predict_test, solve_alpha
 from .solvers.cholesky import factorize
@@ -231,7 +232,8 @@ def posterior(
                 json.dump(report, f, indent=2)
         return report
 
-    return with_client(go, **cluster)
+    with store_lock(ks.url, "laplace"):  # one writer per store (a run holds it already)
+        return with_client(go, **cluster)
 
 
 def _network_terms(

@@ -18,6 +18,7 @@ __all__ = [
     "CHOL",
     "CHOL_STEP",
     "CHOL_WORK",
+    "CREATING",
     "DIMS",
     "K_TEST_DIAG",
     "K_TEST_TRAIN",
@@ -25,6 +26,7 @@ __all__ = [
     "K_TRAIN_TRAIN",
     "KERNEL_ARRAYS",
     "LAPLACE_SCALE",
+    "LOCK",
     "MEAN",
     "OUTPUTS",
     "PREDICT",
@@ -59,6 +61,12 @@ OUTPUTS, LAPLACE_SCALE = "outputs", "laplace_scale"
 # updates each factor tile has received) and PREDICT (one per block of test points).
 RECORDS = "tiles"
 CHOL_STEP, PREDICT = "chol_step", "predict"
+
+
+# Files at the store's root that are not arrays (zarr and xarray ignore them): the lease of the one
+# process that may write the store (nngp_dist.lock), and the marker of a creation in progress,
+# written before anything else of a new store and removed after its identity is complete.
+LOCK, CREATING = ".nngp-dist-lock", ".nngp-dist-creating"
 
 
 def record(name: str) -> str:

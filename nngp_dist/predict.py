@@ -47,7 +47,7 @@ from .layout import (
 from .progress import progress_bar
 from .solvers.cg import StoreSystem
 from .solvers.factor import Factor
-from .storage import KernelStore
+from .storage import KernelStore, read_checked
 from .tiling import span
 from .workers import Recorded, TaskContext, store_task
 
@@ -87,24 +87,26 @@ def output_scale(t_train: np.ndarray, alpha: np.ndarray) -> float:
     return float((t_train * alpha).sum() / t_train.size)
 
 
-def leading_alpha(chol: Any, t: int, n: int, tt: np.ndarray) -> tuple[np.ndarray, float]:
+def leading_alpha(
+    chol: Any, t: int, n: int, tt: np.ndarray, url: str | None = None
+) -> tuple[np.ndarray, float]:
     """alpha = (K + s I)^-1 T for the first ``n`` training points, and log det(K + s I) for
     them (see :class:`~nngp_dist.solvers.factor.Factor`: any ``n`` up to the store's)."""
-    return Factor(chol, t, n).solve(tt[:n])
+    return Factor(chol, t, n, url).solve(tt[:n])
 
 
 @store_task
 def _solve_alpha(ctx: TaskContext, g: Any) -> dict:
     """Worker task: alpha = (K + s I)^-1 T from the factor; the LML's two data terms."""
-    tt = np.asarray(g[T_TRAIN][...], dtype=np.float64)
+    tt = np.asarray(read_checked(g[T_TRAIN], url=ctx.url), dtype=np.float64)
     if LAPLACE_SCALE in g:
-        scale = np.asarray(g[LAPLACE_SCALE][...])[:, None]
-        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, scale * tt)
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)[:, None]
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, scale * tt, ctx.url)
         a *= scale
         with np.errstate(divide="ignore"):
             logdet -= 2.0 * float(np.log(scale).sum())  # +inf where a point has no precision
     else:
-        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt)
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt, ctx.url)
     g[ALPHA][...] = a
     return {"quad": float((tt * a).sum()), "logdet": logdet}
 
@@ -127,17 +129,19 @@ def _predict_block(ctx: TaskContext, g: Any, m: int, block: int, b: int) -> Reco
     """Worker task: mean and variance of test block ``b``; returns how many were clamped."""
     rows = span(block, m, b)
     k_blocks = [
-        np.asarray(g[K_TEST_TRAIN][rows, ctx.span(j)], dtype=np.float64) for j in range(ctx.blocks)
+        np.asarray(read_checked(g[K_TEST_TRAIN], (rows, ctx.span(j)), url=ctx.url), np.float64)
+        for j in range(ctx.blocks)
     ]
-    alpha = np.asarray(g[ALPHA][...])
+    alpha = read_checked(g[ALPHA], url=ctx.url)
     mean = sum(k_blocks[j] @ alpha[ctx.span(j)] for j in range(ctx.blocks))
     if LAPLACE_SCALE in g:
-        scale = np.asarray(g[LAPLACE_SCALE][...])
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
         cols = [scale[ctx.span(j), None] * k_blocks[j].T for j in range(ctx.blocks)]
     else:
         cols = [kb.T.copy() for kb in k_blocks]
-    w = Factor(g[CHOL], ctx.t, ctx.n).forward(cols)
-    var = np.asarray(g[K_TEST_DIAG][rows], dtype=np.float64) - sum((wi * wi).sum(0) for wi in w)
+    w = Factor(g[CHOL], ctx.t, ctx.n, ctx.url).forward(cols)
+    diag = np.asarray(read_checked(g[K_TEST_DIAG], rows, url=ctx.url), np.float64)
+    var = diag - sum((wi * wi).sum(0) for wi in w)
     clamped = int((var < 0).sum())
     g[MEAN][rows] = mean
     g[VARIANCE][rows] = np.maximum(var, 0.0)
@@ -212,7 +216,7 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
     m, block = meta["n_test"], meta["predict_block"]
     cg_log = meta["solve"]["cg"]
     system = StoreSystem(store, client, meta["solve"]["noise_abs"], cg_log["preconditioner"])
-    alpha = store.read(ALPHA)
+    alpha = store.read(ALPHA, complete=True)
     done = ~np.isnan(store.read(record(PREDICT)))
     bar = progress_bar(len(done), int(done.sum()), progress, "predict (cg)", "block")
     clamped, unconverged = 0, 0
@@ -220,10 +224,12 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
         for b in np.flatnonzero(~done):
             start = time.perf_counter()
             rows = span(block, m, int(b))
-            slab = np.asarray(store.array(K_TEST_TRAIN)[rows, :], dtype=np.float64)
+            slab = read_checked(store.array(K_TEST_TRAIN), (rows, slice(None)), url=store.url)
+            slab = np.asarray(slab, dtype=np.float64)
             z, log = system.solve(slab.T, tol=cg_log["tol"], maxiter=cg_log["maxiter"])
             unconverged += not log["converged"]
-            var = np.asarray(store.array(K_TEST_DIAG)[rows], dtype=np.float64) - (slab.T * z).sum(0)
+            diag = read_checked(store.array(K_TEST_DIAG), rows, url=store.url)
+            var = np.asarray(diag, dtype=np.float64) - (slab.T * z).sum(0)
             clamped += int((var < 0).sum())
             store.array(MEAN)[rows] = slab @ alpha
             store.array(VARIANCE)[rows] = np.maximum(var, 0.0)

@@ -137,6 +137,8 @@ LAYERS = (
         "nngp_dist.estimator",
         "nngp_dist.laplace",
         "nngp_dist.laplace_estimator",
+        "nngp_dist.trained_figures",
+        "nngp_dist.verify",
     ),
     (
         "nngp_dist.compute",
@@ -146,7 +148,7 @@ LAYERS = (
         "nngp_dist.cluster",
     ),
     ("nngp_dist.workers", "nngp_dist.options", "nngp_dist.progress"),
-    ("nngp_dist.storage",),
+    ("nngp_dist.storage", "nngp_dist.lock"),
     (
         "nngp_dist.layout",
         "nngp_dist.tiling",

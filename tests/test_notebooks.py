@@ -17,6 +17,7 @@ def test_there_are_notebooks():
     assert {p.name for p in NOTEBOOKS} >= {
         "estimator_sweep_cluster.ipynb",
         "inspect_store.ipynb",
+        "trained_network.ipynb",
         "uncertainty.ipynb",
     }
 

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from .. import backend
+from ..errors import UserError
 from . import architectures, fused, nonlinearities, trained
 from .conv import ConvGeometry, conv_diagonal_state, conv_input_state, pixels_per_pair
 from .layers import Layer, diagonal_state, input_state
@@ -193,19 +194,31 @@ class Spec:
     def from_dict(cls, d: dict, *, trust: bool = False) -> Spec:
         """Inverse of :meth:`to_dict`; unknown keys are an error.
 
-        Imports and unpickles nothing. ``trust``: a trained network's model factory
-        (``module:function``) may be imported when the spec is evaluated; without it, evaluating
-        such a spec is refused (:mod:`.trained`, Safety).
+        Code never comes from a store: without ``trust`` nothing is imported or unpickled. A
+        dict whose activation is a Python function (``module:function``) is refused with a
+        :class:`~nngp_dist.errors.UserError`, since building it imports that module, which runs
+        its code, and a dict read from a store is only as trustworthy as whoever wrote the
+        store; a trained network's model factory is imported only when the spec is evaluated,
+        and evaluating it is refused likewise (:mod:`.trained`, Safety).
         """
         fields = {f.name for f in dataclasses.fields(cls)} - {"trust"}
         extra = set(d) - fields
         if extra:
             raise ValueError(f"unknown spec keys: {sorted(extra)}")
+        target = nonlinearities.imported_function(d.get("activation"))
+        if target and not trust:
+            raise UserError(
+                f"this spec's activation is the Python function {target!r}: building it would "
+                f"import {target.partition(':')[0]!r}, which runs that module's code, and a "
+                "spec read from a store is only as trustworthy as the store. Pass trust=True "
+                "to Spec.from_dict (trust_code=True to KernelStore.open) only for a store you "
+                "trust, or build the Spec yourself."
+            )
         return cls(**d, trust=trust)
 
     @classmethod
     def from_json(cls, text: str, *, trust: bool = False) -> Spec:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json` (``trust`` as in :meth:`from_dict`)."""
         return cls.from_dict(json.loads(text), trust=trust)
 
     @property

@@ -30,7 +30,7 @@ from distributed import as_completed, wait
 
 from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, LAPLACE_SCALE, record
 from ..progress import progress_bar
-from ..storage import KernelStore, utcnow
+from ..storage import KernelStore, read_checked, utcnow
 from ..workers import Recorded, TaskContext, store_task
 from .tiles import NotPositiveDefinite, add_jitter, potrf, trsm, update
 
@@ -44,13 +44,22 @@ def _read_a(ctx: TaskContext, g: Any, i: int, j: int, step: int, jitter: float) 
     """The tile (i, j) of A after ``step`` updates, as float64: at step 0 the kernel's tile, or
     ``S K S`` with the store's noise scale S (``laplace_scale``) where it has one."""
     rows, cols = ctx.span(i), ctx.span(j)
+    # A diagonal block's upper triangle is authoritative: below it, a block spanning several
+    # kernel tiles holds the never-written lower tiles (NaN), in the kernel and in its updates.
+    complete = "upper" if i == j else True
     if step == 0:
-        a = np.asarray(g[K_TRAIN_TRAIN][rows, cols], dtype=np.float64)
+        a = read_checked(g[K_TRAIN_TRAIN], (rows, cols), url=ctx.url, complete=complete)
+        a = np.asarray(a, dtype=np.float64)
         if LAPLACE_SCALE in g:
-            scale = np.asarray(g[LAPLACE_SCALE][...])
+            scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
             a = scale[rows, None] * a * scale[None, cols]
         return add_jitter(a, jitter) if i == j else a
-    return np.asarray(g[CHOL_WORK[step % 2]][rows, cols])
+    return read_checked(g[CHOL_WORK[step % 2]], (rows, cols), url=ctx.url, complete=complete)
+
+
+def _read_u(ctx: TaskContext, g: Any, i: int, j: int) -> np.ndarray:
+    """The factor's block (i, j), checked."""
+    return read_checked(g[CHOL], (ctx.span(i), ctx.span(j)), url=ctx.url)
 
 
 @store_task
@@ -65,7 +74,7 @@ def _potrf(ctx: TaskContext, g: Any, k: int, jitter: float, *deps: Any) -> Recor
 
 @store_task
 def _trsm(ctx: TaskContext, g: Any, k: int, j: int, jitter: float, *deps: Any) -> Recorded:
-    u_kk = np.asarray(g[CHOL][ctx.span(k), ctx.span(k)])
+    u_kk = _read_u(ctx, g, k, k)
     g[CHOL][ctx.span(k), ctx.span(j)] = trsm(u_kk, _read_a(ctx, g, k, j, k, jitter))
     return Recorded(CHOL, (k, j))
 
@@ -73,11 +82,11 @@ def _trsm(ctx: TaskContext, g: Any, k: int, j: int, jitter: float, *deps: Any) -
 @store_task
 def _update(ctx: TaskContext, g: Any, k: int, i: int, j: int, jitter: float, *deps: Any) -> None:
     steps = g[record(CHOL_STEP)]
-    if int(steps[i, j]) > k:
+    if int(read_checked(steps, (i, j), url=ctx.url)) > k:
         return  # already applied (a re-run of a task that finished): never move back
     a = _read_a(ctx, g, i, j, k, jitter)
-    u_ki = np.asarray(g[CHOL][ctx.span(k), ctx.span(i)])
-    u_kj = None if i == j else np.asarray(g[CHOL][ctx.span(k), ctx.span(j)])
+    u_ki = _read_u(ctx, g, k, i)
+    u_kj = None if i == j else _read_u(ctx, g, k, j)
     g[CHOL_WORK[(k + 1) % 2]][ctx.span(i), ctx.span(j)] = update(a, u_ki, u_kj)
     steps[i, j] = k + 1
 
@@ -238,7 +247,8 @@ def factorize(
                     f"the kernel plus noise stays indefinite up to the noise cap {max_noise:g} "
                     f"(relative to the mean diagonal {mean_diag:.6g}); attempts: "
                     + ", ".join(f"{a['noise']:g}" for a in attempts)
-                    + ". Raise --max-noise, or check the kernel for NaN or duplicate inputs."
+                    + ". Raise --max-noise, or check the kernel: duplicate inputs, or a corrupt "
+                    "tile ('nngp-dist verify --store STORE' reads every one)."
                 ) from None
             rel = nxt
             continue
