@@ -86,12 +86,104 @@ def _options(*decorators: Callable[..., Any]) -> Callable[..., Any]:
     return apply
 
 
-store_option = click.option(
-    "--store", required=True, help="Kernel store: a directory or an fsspec URL (s3://...)."
+# The sections of a command's --help, in this order; options not put in one are listed last.
+DATASET, ARCHITECTURE, SOLVER, OUTPUT, CLUSTER = (
+    "Dataset options",
+    "Architecture options",
+    "Solver options",
+    "Output options",
+    "Cluster options",
+)
+SECTIONS = (DATASET, ARCHITECTURE, SOLVER, OUTPUT, CLUSTER)
+
+
+def _section(title: str, *decorators: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply option ``decorators``, listing the options they add under ``title`` in --help."""
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        before = len(getattr(fn, "__click_params__", []))
+        fn = _options(*decorators)(fn)
+        for param in fn.__click_params__[before:]:
+            param.help_section = title  # type: ignore[attr-defined]
+        return fn
+
+    return apply
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in sections (dataset, architecture, solver,
+    output, cluster) instead of one list of forty; click has no option groups of its own."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = getattr(param, "help_section", None) or "Other options"
+                sections.setdefault(title, []).append(record)
+        if list(sections) == ["Other options"]:
+            sections = {"Options": sections["Other options"]}
+        order = {title: i for i, title in enumerate(SECTIONS)}
+        for title in sorted(sections, key=lambda t: order.get(t, len(order))):
+            with formatter.section(title):
+                formatter.write_dl(sections[title])
+
+
+class SectionedGroup(click.Group):
+    """The ``nngp-dist`` group: its commands are :class:`SectionedCommand` s."""
+
+    command_class = SectionedCommand
+
+
+store_option = _section(
+    OUTPUT,
+    click.option(
+        "--store", required=True, help="Kernel store: a directory or an fsspec URL (s3://...)."
+    ),
 )
 
-kernel_options = _options(
-    store_option,
+tls_options = _section(
+    CLUSTER,
+    click.option(
+        "--tls-ca-file",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: the CA certificate the scheduler's certificate is signed by.",
+    ),
+    click.option(
+        "--tls-cert",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: this client's certificate.",
+    ),
+    click.option(
+        "--tls-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="TLS: this client's private key.",
+    ),
+)
+
+
+def _job_scheduler_option(help_text: str) -> Callable[..., Any]:
+    """``--scheduler`` of the commands that look up a detached job (status, cancel), with
+    ``$DASK_SCHEDULER_ADDRESS`` as its fallback and the TLS options."""
+    return _options(
+        _section(
+            CLUSTER,
+            click.option(
+                "--scheduler",
+                default=None,
+                envvar="DASK_SCHEDULER_ADDRESS",
+                help=f"{help_text} [env: DASK_SCHEDULER_ADDRESS].",
+            ),
+        ),
+        tls_options,
+    )
+
+
+dataset_options = _section(
+    DATASET,
     click.option(
         "--dataset",
         default="demo",
@@ -102,6 +194,10 @@ kernel_options = _options(
     click.option("--train-size", type=int, default=None, help="Use the first N training examples."),
     click.option("--test-size", type=int, default=None, help="Use the first M test examples."),
     click.option("--standardize", is_flag=True, help="Centre and scale each image."),
+)
+
+architecture_options = _section(
+    ARCHITECTURE,
     click.option(
         "--arch",
         type=click.Choice(["fc", "conv", "resnet32", "trained"]),
@@ -192,77 +288,86 @@ kernel_options = _options(
         show_default=True,
         help="Which kernel to compute.",
     ),
-    click.option(
-        "--tile-size",
-        type=int,
-        default=None,
-        help="Tile edge T [default: nngp-dist.tile-size, 2000; image networks on CPUs: "
-        "chosen from the work per pair].",
+)
+
+kernel_options = _options(
+    store_option,
+    dataset_options,
+    architecture_options,
+    _section(
+        CLUSTER,
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "gpu"]),
+            default="auto",
+            show_default=True,
+            help="Where workers evaluate tiles (auto: GPU if CuPy sees one).",
+        ),
     ),
-    click.option(
-        "--dtype",
-        type=click.Choice(["float64", "float32"]),
-        default=None,
-        help="Storage dtype [default: float64]; evaluation is always float64.",
-    ),
-    click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "gpu"]),
-        default="auto",
-        show_default=True,
-        help="Where workers evaluate tiles (auto: GPU if CuPy sees one).",
-    ),
-    click.option(
-        "--overwrite", is_flag=True, help="Replace an existing store of another spec or dataset."
-    ),
-    click.option(
-        "--force",
-        is_flag=True,
-        help="Go on despite a --tile-size under 16 or less free disk than the store's estimate.",
+    _section(
+        OUTPUT,
+        click.option(
+            "--tile-size",
+            type=int,
+            default=None,
+            help="Tile edge T [default: nngp-dist.tile-size, 2000; image networks on CPUs: "
+            "chosen from the work per pair].",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float64", "float32"]),
+            default=None,
+            help="Storage dtype [default: float64]; evaluation is always float64.",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an existing store of another spec or dataset.",
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            help="Go on despite a --tile-size under 16 or less free disk than the store's "
+            "estimate.",
+        ),
     ),
 )
 
 cluster_options = _options(
-    click.option(
-        "--scheduler",
-        default=None,
-        envvar="DASK_SCHEDULER_ADDRESS",
-        help="Address of a running Dask scheduler (or 'synchronous' to run in this "
-        "process) [env: DASK_SCHEDULER_ADDRESS].",
+    _section(
+        CLUSTER,
+        click.option(
+            "--scheduler",
+            default=None,
+            envvar="DASK_SCHEDULER_ADDRESS",
+            help="Address of a running Dask scheduler (or 'synchronous' to run in this "
+            "process) [env: DASK_SCHEDULER_ADDRESS].",
+        ),
+        click.option(
+            "--workers",
+            type=int,
+            default=None,
+            help="Worker processes of the embedded cluster [default: one per core].",
+        ),
+        click.option(
+            "--memory-limit",
+            default=None,
+            help="Memory limit per embedded worker, e.g. 2GB [default: shared evenly].",
+        ),
     ),
-    click.option(
-        "--workers",
-        type=int,
-        default=None,
-        help="Worker processes of the embedded cluster [default: one per core].",
-    ),
-    click.option(
-        "--memory-limit",
-        default=None,
-        help="Memory limit per embedded worker, e.g. 2GB [default: shared evenly].",
-    ),
-    click.option("--quiet", is_flag=True, help="No progress bar."),
-    click.option(
-        "--tls-ca-file",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="TLS: the CA certificate the scheduler's certificate is signed by.",
-    ),
-    click.option(
-        "--tls-cert",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="TLS: this client's certificate.",
-    ),
-    click.option(
-        "--tls-key",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="TLS: this client's private key.",
+    tls_options,
+    _section(
+        OUTPUT,
+        click.option(
+            "--quiet",
+            is_flag=True,
+            help="No progress (bars on a terminal, else one line per stage on stderr).",
+        ),
     ),
 )
 
-solve_options = _options(
+solve_options = _section(
+    SOLVER,
     click.option(
         "--noise",
         default=None,
@@ -316,7 +421,8 @@ solve_options = _options(
 )
 
 
-laplace_options = _options(
+laplace_options = _section(
+    SOLVER,
     click.option(
         "--likelihood",
         type=click.Choice(["regression", "classification"]),
@@ -341,25 +447,34 @@ laplace_options = _options(
 )
 
 
-predict_options = _options(
+json_option = _section(
+    OUTPUT,
     click.option(
         "--json",
         "json_path",
         default=None,
         type=click.Path(dir_okay=False),
-        help="Write the report (accuracy, mse, log marginal likelihood, ...) here.",
+        metavar="FILE",
+        help="Write the report as JSON to FILE (with the store, the spec and this version).",
     ),
-    click.option(
-        "--bins",
-        type=int,
-        default=10,
-        show_default=True,
-        help="Calibration bins (test points binned by predicted variance).",
+)
+
+predict_options = _options(
+    json_option,
+    _section(
+        OUTPUT,
+        click.option(
+            "--bins",
+            type=int,
+            default=10,
+            show_default=True,
+            help="Calibration bins (test points binned by predicted variance).",
+        ),
     ),
 )
 
 
-@click.group()
+@click.group(cls=SectionedGroup)
 @click.version_option(__version__, prog_name="nngp-dist")
 def main() -> None:
     """Exact infinite-width network kernels, computed in tiles by Dask into a Zarr store."""
@@ -385,13 +500,18 @@ def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
 @main.command()
 @store_option
 @solve_options
+@json_option
 @cluster_options
 @_user_errors
-def solve(quiet: bool, **options: Any) -> None:
+def solve(quiet: bool, json_path: str | None, **options: Any) -> None:
     """Factor the kernel plus noise (tiled Cholesky) and solve for the GP weights alpha."""
     from . import jobs
+    from .options import report_path
 
+    report_path(json_path)
     rec = jobs.solve(progress=not quiet, **options)
+    if json_path:
+        _write_json(json_path, rec)
     lml = rec["log_marginal_likelihood"]
     how = (
         f"log marginal likelihood {lml:.6g}"
@@ -490,7 +610,8 @@ def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
                 f"--{key.replace('_', '-')} configures an embedded cluster; "
                 "a detached job runs on the --scheduler's workers"
             )
-    rec = submit_job(scheduler=options.pop("scheduler"), kernel=kernel_kind, **options)
+    scheduler = options.pop("scheduler")
+    rec = submit_job(scheduler=scheduler, kernel=kernel_kind, progress=not quiet, **options)
     click.echo(
         f"job {rec['job']} running on {rec['worker']} (driver pid {rec['pid']}); log: {rec['log']}"
     )
@@ -500,15 +621,7 @@ def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
 
 @main.command()
 @store_option
-@click.option(
-    "--scheduler",
-    default=None,
-    envvar="DASK_SCHEDULER_ADDRESS",
-    help="The scheduler the job was submitted to [env: DASK_SCHEDULER_ADDRESS].",
-)
-@click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@_job_scheduler_option("The scheduler the job was submitted to")
 @_user_errors
 def cancel(store: str, scheduler: str | None) -> None:
     """Stop a detached job; its finished tiles stay, and submitting it again resumes it."""
@@ -559,50 +672,66 @@ def _report(r: dict) -> None:
 
 
 @main.command()
-@click.option("--out", required=True, help="Folder for sweep.csv, sweep.json and the heat map.")
-@click.option(
-    "--dataset", default="demo", show_default=True, help="demo, fashion-mnist, mnist, ..."
+@_section(
+    OUTPUT,
+    click.option("--out", required=True, help="Folder for sweep.csv, sweep.json and the heat map."),
+    click.option(
+        "--heatmap-depth", type=int, default=None, help="Depth of the heat map [default: the best]."
+    ),
 )
-@click.option("--data-dir", default=None, help="Folder holding the dataset's files.")
-@click.option("--standardize", is_flag=True, help="Centre and scale each image.")
-@click.option(
-    "--train-size",
-    type=int,
-    default=None,
-    help="Fit on the first N training examples [default: all but the validation split].",
+@_section(
+    DATASET,
+    click.option(
+        "--dataset", default="demo", show_default=True, help="demo, fashion-mnist, mnist, ..."
+    ),
+    click.option("--data-dir", default=None, help="Folder holding the dataset's files."),
+    click.option("--standardize", is_flag=True, help="Centre and scale each image."),
+    click.option(
+        "--train-size",
+        type=int,
+        default=None,
+        help="Fit on the first N training examples [default: all but the validation split].",
+    ),
+    click.option(
+        "--validation-size",
+        type=int,
+        default=None,
+        help="Score on the last V training examples [default: a fifth of them, at most 10000].",
+    ),
 )
-@click.option(
-    "--validation-size",
-    type=int,
-    default=None,
-    help="Score on the last V training examples [default: a fifth of them, at most 10000].",
+@_section(
+    ARCHITECTURE,
+    click.option(
+        "--depth", "depths", default="1-5", show_default=True, help="Depths: 1-10 or 1,3,5."
+    ),
+    click.option(
+        "--weight-var",
+        "weight_vars",
+        default="0.5:2.5:5",
+        show_default=True,
+        help="w_var values: 1,1.5,2 or START:STOP:NUM.",
+    ),
+    click.option(
+        "--bias-var", "bias_vars", default="0:0.4:5", show_default=True, help="b_var values."
+    ),
+    click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP),
+    click.option("--kernel", type=click.Choice(["nngp", "ntk"]), default="nngp", show_default=True),
 )
-@click.option("--depth", "depths", default="1-5", show_default=True, help="Depths: 1-10 or 1,3,5.")
-@click.option(
-    "--weight-var",
-    "weight_vars",
-    default="0.5:2.5:5",
-    show_default=True,
-    help="w_var values: 1,1.5,2 or START:STOP:NUM.",
-)
-@click.option("--bias-var", "bias_vars", default="0:0.4:5", show_default=True, help="b_var values.")
-@click.option(
-    "--noise",
-    "noises",
-    default="1e-6,1e-4,1e-3,1e-2,1e-1",
-    show_default=True,
-    help="Noise values, relative to the mean diagonal.",
-)
-@click.option("--activation", default="relu", show_default=True, help=ACTIVATION_HELP)
-@click.option("--kernel", type=click.Choice(["nngp", "ntk"]), default="nngp", show_default=True)
-@click.option(
-    "--select-by",
-    type=click.Choice(["accuracy", "mse"]),
-    default=None,
-    help="Criterion [default: accuracy for labels, else mse].",
-)
-@click.option(
-    "--heatmap-depth", type=int, default=None, help="Depth of the heat map [default: the best]."
+@_section(
+    SOLVER,
+    click.option(
+        "--noise",
+        "noises",
+        default="1e-6,1e-4,1e-3,1e-2,1e-1",
+        show_default=True,
+        help="Noise values, relative to the mean diagonal.",
+    ),
+    click.option(
+        "--select-by",
+        type=click.Choice(["accuracy", "mse"]),
+        default=None,
+        help="Criterion [default: accuracy for labels, else mse].",
+    ),
 )
 @cluster_options
 @_user_errors
@@ -630,17 +759,21 @@ def sweep(quiet: bool, **options: Any) -> None:
 
 @main.command()
 @store_option
-@click.option("--out", required=True, help="Folder for the PNGs.")
-@click.option("--sweep", default=None, help="A sweep.json from nngp-dist sweep (heat map).")
-@click.option(
-    "--sizes",
-    default=None,
-    help="Training-set sizes of the learning curve [default: 1000,2000,5000,10000,20000,50000].",
+@_section(
+    OUTPUT,
+    click.option("--out", required=True, help="Folder for the PNGs."),
+    click.option("--sweep", default=None, help="A sweep.json from nngp-dist sweep (heat map)."),
+    click.option(
+        "--sizes",
+        default=None,
+        help="Training-set sizes of the learning curve "
+        "[default: 1000,2000,5000,10000,20000,50000].",
+    ),
+    click.option(
+        "--sample", type=int, default=500, show_default=True, help="Points in the kernel heat map."
+    ),
+    click.option("--bins", type=int, default=20, show_default=True, help="Calibration bins."),
 )
-@click.option(
-    "--sample", type=int, default=500, show_default=True, help="Points in the kernel heat map."
-)
-@click.option("--bins", type=int, default=20, show_default=True, help="Calibration bins.")
 @_user_errors
 def figures(sizes: str | None, **options: Any) -> None:
     """PNGs of a finished store: calibration, kernel by class, learning curve, sweep heat map."""
@@ -663,27 +796,75 @@ def figures(sizes: str | None, **options: Any) -> None:
         click.echo(f"{k}: {v}")
 
 
+# What a bare ``status --json`` (the old flag, without FILE) stands for.
+_BARE_JSON = "\0bare"
+
+
 @main.command()
 @store_option
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.option(
-    "--scheduler",
-    default=None,
-    help="Also show the detached job on this store (submit --detach) known to this scheduler.",
+@_section(
+    OUTPUT,
+    click.option(
+        "--json",
+        "json_path",
+        is_flag=False,
+        flag_value=_BARE_JSON,
+        default=None,
+        metavar="FILE",
+        help="Write the status as JSON to FILE ('-': to standard output, instead of the text).",
+    ),
+)
+@_job_scheduler_option(
+    "Also show the detached job on this store (submit --detach) known to this scheduler"
 )
 @_user_errors
-def status(store: str, as_json: bool, scheduler: str | None) -> None:
+def status(store: str, json_path: str | None, scheduler: str | None) -> None:
     """Show a store's progress: tiles done and total, stage, spec, timings."""
     from . import jobs
+    from .options import report_path
 
+    if json_path == _BARE_JSON:
+        click.echo(
+            "warning: a bare 'status --json' is deprecated: use 'status --json FILE' as run and "
+            "predict do, or 'status --json -' for standard output",
+            err=True,
+        )
+        json_path = "-"
+    if json_path != "-":
+        report_path(json_path)
     st = jobs.status(store)
     if scheduler:
-        from . import detached
-
-        st["job"] = detached.job_info(store, scheduler=scheduler)
-    if as_json:
+        st["job"] = _job(store, scheduler)
+    if json_path == "-":
         click.echo(json.dumps(st, indent=2))
         return
+    if json_path:
+        _write_json(json_path, st)
+    _show_status(st)
+
+
+def _job(store: str, scheduler: str) -> dict | None:
+    """The detached job on ``store`` known to ``scheduler``. A scheduler taken from
+    ``$DASK_SCHEDULER_ADDRESS`` that cannot be reached is reported, not an error: the store's
+    own status is still worth showing."""
+    from . import detached
+
+    source = click.get_current_context().get_parameter_source("scheduler")
+    try:
+        return detached.job_info(store, scheduler=scheduler)
+    except UserError as e:
+        if source is not click.core.ParameterSource.ENVIRONMENT:
+            raise
+        return {"state": "unknown", "error": f"$DASK_SCHEDULER_ADDRESS: {e}"}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _show_status(st: dict) -> None:
     spec = st["spec"]
     click.echo(f"store:   {st['store']}")
     click.echo(f"stage:   {st['stage']}")
@@ -700,20 +881,24 @@ def status(store: str, as_json: bool, scheduler: str | None) -> None:
         f"data:    {st['dataset']}, {st['n_train']} train x {st['n_test']} test, "
         f"tile {st['tile_size']}, {st['dtype']}"
     )
+    blocks = st.get("predict_blocks")
+    blocks_text = f"{blocks['done']} / {blocks['total']} test blocks" if blocks else ""
     for stage, rec in st["stages"].items():
         end = (
             f"finished {rec['finished']}, {rec.get('seconds')} s"
             if rec.get("finished")
             else "not finished (running, or stopped: run it again to resume)"
         )
+        if stage == "predict" and blocks:
+            end += f"; {blocks_text}"
+            blocks = None  # said here: not again below
         click.echo(f"{stage + ':':8s} started {rec.get('started')}, {end}")
     click.echo(f"task time: {st['task_seconds']} s summed over kernel tiles")
     if "factor_tiles" in st:
         f = st["factor_tiles"]
         click.echo(f"factor:  {f['done']} / {f['total']} tiles")
-    if "predict_blocks" in st:
-        p = st["predict_blocks"]
-        click.echo(f"predict: {p['done']} / {p['total']} test blocks")
+    if blocks:
+        click.echo(f"predict: {blocks_text}")
     if st.get("predict"):
         r = st["predict"]
         acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
@@ -772,6 +957,8 @@ def _verify_advice(r: dict, repair: bool) -> None:
 def _job_line(job: dict | None) -> str:
     if job is None:
         return "none submitted to this scheduler"
+    if "job" not in job:
+        return f"{job['state']} ({job['error']})"
     text = f"{job['job']} {job['state']} (submitted {job['submitted']}"
     if job.get("worker"):
         text += f", driver pid {job.get('pid')} beside worker {job['worker']}"

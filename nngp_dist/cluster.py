@@ -8,6 +8,8 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -98,7 +100,7 @@ def connect(
                 "the address and that the scheduler runs, or leave out --scheduler (and unset "
                 "DASK_SCHEDULER_ADDRESS) for an embedded local cluster."
             ) from None
-        with client:
+        with _closing(client, None):
             _warm_workers(client)
             yield client
         return
@@ -115,7 +117,9 @@ def connect(
         dask.config.set(
             {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
         ),
-        LocalCluster(
+        _children_ignore_sigint(),
+    ):
+        cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
@@ -123,11 +127,79 @@ def connect(
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        _warm_workers(client)
-        yield client
+        )
+    with _closing(None, cluster):
+        client = Client(cluster)
+        with _closing(client, None):
+            _warm_workers(client)
+            yield client
+
+
+# Seconds each of the client and the embedded cluster get to close, after which shutdown goes
+# on regardless: the job's results are in the store by then (or it was interrupted).
+CLOSE_TIMEOUT = 30
+
+# distributed's loggers, and those of the libraries its comms and event loops log through.
+_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+@contextlib.contextmanager
+def _closing(client: Any, cluster: Any) -> Iterator[None]:
+    """Close ``client`` or ``cluster`` on the way out, within :data:`CLOSE_TIMEOUT`, with
+    distributed's logging quiet meanwhile.
+
+    A client is closed before its cluster (the nesting in :func:`connect`). Comms that close
+    as the processes go are logged by distributed as errors (``CommClosedError``, "Cannot
+    close a running event loop" from an event loop closed on a timeout): noise after a
+    finished job. After a KeyboardInterrupt, or a close that timed out, the loggers stay quiet,
+    so that Ctrl-C ends in the CLI's one-line message and not in the tracebacks of every comm
+    torn down with the process.
+    """
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        levels = _set_levels(logging.CRITICAL + 1)
+        closed = False
+        try:
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                (client if client is not None else cluster).close(timeout=CLOSE_TIMEOUT)
+                closed = True
+        finally:
+            if closed and not interrupted:  # else what is left is torn down at exit: quietly
+                _set_levels(levels)
+
+
+def _set_levels(level: int | dict) -> dict:
+    """Set the level of each of :data:`_LOGGERS` (one level, or a dict by name, as returned);
+    return the levels they had."""
+    old = {}
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        old[name] = logger.level
+        logger.setLevel(level[name] if isinstance(level, dict) else level)
+    return old
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started in here (the embedded workers) inherit SIGINT ignored: a disposition
+    survives ``exec``, and Python installs its KeyboardInterrupt handler only over the default
+    one. Ctrl-C at a terminal signals the whole foreground process group; the workers would
+    each die printing a KeyboardInterrupt traceback, whereas the client alone should handle it
+    and close the cluster, which stops them. (Only the main thread may set a handler; elsewhere
+    this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _warm_workers(client: Any) -> None:

@@ -176,8 +176,11 @@ def _tls_env() -> dict:
     return out
 
 
-def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
+def submit(
+    store: str, *, scheduler: str | None, progress: bool = False, **run_options: Any
+) -> dict:
     """Start ``run`` on the cluster at ``scheduler`` as a detached job; return its record.
+    With ``progress``, the job's log gets a line per stage (its output is no terminal).
 
     Options are checked here first (the same checks as ``run``: spec, dataset, store, noise,
     ...), so bad input fails at once with nothing started. A job already running on this
@@ -195,7 +198,7 @@ def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
         )
     store = normalize_url(store)
     jobs.check_run(store, **run_options)
-    options = {"store": store, **run_options, "progress": False}
+    options = {"store": store, **run_options, "progress": progress}
     with connect(scheduler) as c:
         var = Variable(_variable_name(store), client=c)
         old = _check_driver(c, var, _get(var))

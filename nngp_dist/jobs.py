@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import backend, config, datasets, laplace
+from ._version import __version__
 from .cluster import (
     check_job,
     check_solve,
@@ -247,6 +248,7 @@ def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: 
     ``tol`` (at most ``maxiter`` iterations) with no factor; it gives no log-determinant, so no
     marginal likelihood, and warns if it stops unconverged.
 
+    The record returned also says what it is about: ``store``, ``spec``, ``version``.
     ``options`` are those of :class:`~nngp_dist.options.SolveOptions` (``noise``,
     ``max_noise``, ``method``, ``tol``, ``maxiter``, ``preconditioner``, ``validation_size``,
     ``select_by``) and of :class:`~nngp_dist.options.ClusterOptions` (``client``,
@@ -259,8 +261,8 @@ def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: 
     KernelStore.open(store)  # a clear error if there is no store, before the lock
     with store_lock(store, "solve"):
         ks = KernelStore.open(store, "r+")
-        if reuse and _solved_with(ks, opts):
-            return ks.meta["solve"]
+        if reuse and _solved_with(ks, opts):  # kept: this call computed nothing
+            return {**ks.meta["solve"], **_about(ks), "reused": True}
         return _solve(ks, opts, progress, cluster)
 
 
@@ -310,9 +312,14 @@ def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -
         )
         ks.update_meta(solve=record)
         ks.record_stage("solve", finished=utcnow(), seconds=record["seconds"])
-        return record
+        return {**record, **_about(ks)}
 
     return with_client(go, **cluster)
+
+
+def _about(ks: KernelStore) -> dict:
+    """What a report is about: the store's URL, its network's spec, this package's version."""
+    return {"store": ks.url, "spec": ks.meta["spec"], "version": __version__}
 
 
 def _solve_inputs(ks: KernelStore, opts: SolveOptions) -> tuple[np.ndarray, str]:
@@ -407,13 +414,24 @@ def _solve_cg(
 _SOLVERS = {"cholesky": _solve_cholesky, "cg": _solve_cg}
 
 
-def predict(store: str, *, score: bool = True, progress: bool = True, **options: Any) -> dict:
+def predict(
+    store: str,
+    *,
+    score: bool = True,
+    progress: bool = True,
+    ran: dict | None = None,
+    **options: Any,
+) -> dict:
     """Posterior means and variances of the test points, metrics; optionally a JSON report.
 
     The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
     ``output_scale`` (the prior's scale fitted by maximum likelihood), ``calibration`` (test
     points binned by predictive variance, ``output_scale * (variance + noise_abs)``),
-    ``noise``, ``n_train``, ``n_test``, ``variance_clamped`` and ``seconds`` per stage. With
+    ``noise``, ``n_train``, ``n_test``, ``variance_clamped``, ``seconds`` (per stage this
+    command ran: ``predict``, and the seconds ``ran`` gives for the stages before it, as
+    :func:`run` passes them; a stage that found nothing to do took 0 s), ``stage_seconds`` (the
+    store's records: the last time each stage did work), and what the report is about:
+    ``store`` (its URL), ``spec`` (the network) and ``version`` (of nngp_dist). With
     ``score=False`` (test points without labels) the three scores against the test labels are
     left out. ``options`` are those of :class:`~nngp_dist.options.PredictOptions`
     (``json_path``, ``bins``) and :class:`~nngp_dist.options.ClusterOptions`.
@@ -423,11 +441,16 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
     opts = PredictOptions.checked(**options)
     KernelStore.open(store)  # a clear error if there is no store, before the lock
     with store_lock(store, "predict"):
-        return _predict(KernelStore.open(store, "r+"), opts, score, progress, cluster)
+        return _predict(KernelStore.open(store, "r+"), opts, score, progress, cluster, ran)
 
 
 def _predict(
-    ks: KernelStore, opts: PredictOptions, score: bool, progress: bool, cluster: dict
+    ks: KernelStore,
+    opts: PredictOptions,
+    score: bool,
+    progress: bool,
+    cluster: dict,
+    ran: dict | None,
 ) -> dict:
     store = ks.url
     if ks.status()["stage"] not in ("solved", "predict", "done"):
@@ -461,9 +484,11 @@ def _predict(
         seconds = round(time.perf_counter() - start, 3)
         ks.record_stage("predict", finished=utcnow(), seconds=seconds)
         stages = ks.meta["stages"]
-        report["seconds"] = {
+        report["seconds"] = {"kernel": None, "solve": None, **(ran or {}), "predict": seconds}
+        report["stage_seconds"] = {
             k: stages.get(k, {}).get("seconds") for k in ("kernel", "solve", "predict")
         }
+        report.update(_about(ks))
         ks.update_meta(predict=report)
         if opts.json_path:
             with open(opts.json_path, "w") as f:
@@ -493,13 +518,17 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     post["samples"] = kernel_kw.pop("samples", None)
 
     def go(c: Any) -> dict:
-        kernel(store, client=c, progress=progress, **kernel_kw)
+        summary = kernel(store, client=c, progress=progress, **kernel_kw)
         if post["likelihood"] is not None:  # a trained network's Laplace-GP posterior
             return laplace.posterior(
                 store, client=c, progress=progress, json_path=predict_kw.get("json_path"), **post
             )
-        solve(store, client=c, progress=progress, reuse=True, **solve_kw)
-        return predict(store, client=c, progress=progress, **predict_kw)
+        solved = solve(store, client=c, progress=progress, reuse=True, **solve_kw)
+        ran = {
+            "kernel": summary["seconds"],
+            "solve": 0.0 if solved.get("reused") else solved["seconds"],
+        }
+        return predict(store, client=c, progress=progress, ran=ran, **predict_kw)
 
     KernelStore.check_location(store)  # a store path that can never be one: before the lock
     with store_lock(store, "run"):

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from . import likelihoods
+from ._version import __version__
 from .cluster import with_client, worker_memory
 from .compute import compute_kernel
 from .datasets import from_arrays
@@ -220,6 +221,9 @@ def posterior(
             "n_train": len(y_tilde),
             "n_test": len(y_test),
             "seconds": round(time.perf_counter() - start, 3),
+            "store": ks.url,
+            "spec": ks.meta["spec"],
+            "version": __version__,
         }
         ks.update_meta(solve={"method": "laplace", **report}, predict=report)
         ks.record_stage("laplace", finished=utcnow(), seconds=report["seconds"])

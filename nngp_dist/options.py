@@ -31,6 +31,7 @@ __all__ = [
     "fields",
     "integer",
     "positive",
+    "report_path",
     "take",
 ]
 
@@ -144,11 +145,16 @@ class PredictOptions:
         """Validated options: at least one bin, and a writable folder for the JSON report."""
         if integer("--bins", bins) < 1:
             raise UserError(f"--bins must be at least 1, got {bins}")
-        if json_path:
-            folder = os.path.dirname(os.path.abspath(json_path))
-            if not os.path.isdir(folder) or not writable(folder):
-                raise UserError(f"--json {json_path}: {folder} is not a writable directory")
-        return cls(json_path, int(bins))
+        return cls(report_path(json_path), int(bins))
+
+
+def report_path(json_path: str | None) -> str | None:
+    """``json_path`` (``--json FILE``), checked: its folder must exist and be writable."""
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not writable(folder):
+            raise UserError(f"--json {json_path}: {folder} is not a writable directory")
+    return json_path
 
 
 @dataclasses.dataclass(frozen=True)

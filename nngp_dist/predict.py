@@ -189,7 +189,7 @@ def _predict_factor(store: KernelStore, ctx: TaskContext, client: Any, progress:
     m, block = meta["n_test"], meta["predict_block"]
     done = ~np.isnan(store.read(record(PREDICT)))
     todo = [b for b in range(len(done)) if not done[b]]
-    bar = progress_bar(len(done), int(done.sum()), progress, "predict")
+    bar = progress_bar(len(done), int(done.sum()), progress, "predict", "block")
     futures = [
         client.submit(_predict_block, ctx, m, block, b, pure=False, key=ctx.key("predict", b))
         for b in todo
@@ -218,7 +218,7 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
     system = StoreSystem(store, client, meta["solve"]["noise_abs"], cg_log["preconditioner"])
     alpha = store.read(ALPHA, complete=True)
     done = ~np.isnan(store.read(record(PREDICT)))
-    bar = progress_bar(len(done), int(done.sum()), progress, "predict (cg)")
+    bar = progress_bar(len(done), int(done.sum()), progress, "predict (cg)", "block")
     clamped, unconverged = 0, 0
     try:
         for b in np.flatnonzero(~done):

@@ -21,6 +21,7 @@ Workers write only their own tiles' chunks; only the client writes attributes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
@@ -78,6 +79,7 @@ __all__ = [
     "normalize_url",
     "open_store",
     "read_checked",
+    "remove_partials",
     "solve_block",
     "utcnow",
     "writable",
@@ -163,6 +165,8 @@ class KernelStore:
             raise UserError(f"{url} is a Zarr group but not an nngp_dist kernel store")
         if meta.get("creating"):
             raise _half_created(url)
+        if mode != "r" and is_local(url):
+            remove_partials(local_path(url))
         return cls(url, group, trust_code=trust_code)
 
     @staticmethod
@@ -515,7 +519,10 @@ class KernelStore:
             self._create(name, (n, c), (t, c), "float64")
         self._group[T_TRAIN][...] = t_train
         self.drop(MEAN, VARIANCE, record(PREDICT))
-        self.update_meta(solve=None, predict=None)
+        meta = self.meta
+        # The old predictions are gone: so is the record saying they were finished.
+        stages = {k: v for k, v in meta.get("stages", {}).items() if k != "predict"}
+        self.update_meta(solve=None, predict=None, stages=stages)
 
     def create_factor(self) -> None:
         """Empty ``chol``, its two work arrays and their records (replacing any earlier ones)."""
@@ -707,6 +714,30 @@ def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[st
             dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
             compressors=CHECKSUM,
         )
+
+
+PARTIAL = ".partial"  # the suffix of the temporary files of atomic writes (zarr's and ours)
+
+
+def remove_partials(root: Path) -> int:
+    """Delete the temporary files of atomic writes left in the store at ``root`` by killed
+    writers; return how many.
+
+    Every chunk and record is written to ``<name>.<random>.partial`` and renamed into place
+    (zarr's ``LocalStore`` and :func:`nngp_dist.workers._flushed_put` alike), so such a file is
+    never data: a SIGKILL between the write and the rename leaves one behind. Called when a
+    writer opens the store, before it submits any task of its own. A task of an earlier job
+    still running on a shared cluster loses its write if its file is removed under it (its
+    rename fails, so nothing is recorded as done), which costs only a recomputation.
+    """
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(PARTIAL):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def writable(folder: Path | str) -> bool:

@@ -397,7 +397,7 @@ class _Points(NamedTuple):
             )
             for w, b in todo
         ]
-        bar = progress_bar(self.total, self.total - len(todo), self.progress, "sweep")
+        bar = progress_bar(self.total, self.total - len(todo), self.progress, "sweep", "grid point")
         try:
             with open(os.path.join(self.out, POINTS_FILE), "a+") as f:
                 if f.tell():  # a line cut short by a kill must not swallow the next record

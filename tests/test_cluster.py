@@ -101,6 +101,7 @@ def test_detached_job_runs_after_the_client_exits(tmp_path, dask_processes):
     assert info["state"] == "done" and info["accuracy"] == st["predict"]["accuracy"]
     log = open(store + ".job.log").read()
     assert "accuracy" in log
+    assert "kernel: " in log and "predict: " in log and "\r" not in log  # a line per stage
     shown = cli("status", "--store", store, "--scheduler", address)
     assert shown.returncode == 0 and f"job:     {info['job']} done" in shown.stdout, shown.stdout
     assert (

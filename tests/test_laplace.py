@@ -357,6 +357,10 @@ def test_cli_run_classification_and_regression(tmp_path):
 
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["prior_precision"] == 2.0 and rep["likelihood"] == "classification"
+    from nngp_dist import __version__
+
+    assert rep["store"] == store and rep["version"] == __version__
+    assert rep["spec"]["arch"] == "trained" and rep["spec"] == KernelStore.open(store).meta["spec"]
     assert KernelStore.open(store).read(VARIANCE).shape == (6, 3)
     floats = _npz(tmp_path, np.ones((20, 3)), np.ones((6, 3)), "f.npz")
     _, args = _run_args(tmp_path / "r", weights, floats, "--likelihood", "regression")

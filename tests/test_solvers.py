@@ -336,6 +336,7 @@ def test_killed_factorisation_resumes(tmp_path):
     assert out.returncode == 0, out.stderr
     meta = zarr.open_group(str(store)).attrs["nngp_dist"]
     assert meta["factor"]["attempts"][-1]["tiles_resumed"] >= done_before
+    assert not list(store.rglob("*.partial"))  # a killed write's temporary file does not stay
     out = subprocess.run(
         [
             sys.executable,
@@ -478,3 +479,42 @@ def test_bad_predict_options_fail_before_work(tmp_path, client, kw, match):
             **kw,
         )
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_resumed_factorisation_counts_what_is_left():
+    """The operations still to run, against a hand count of a 3 x 3-tile factorisation whose
+    first step is done but for one update, and whose (1, 1) and (1, 2) tiles have had theirs."""
+    from nngp_dist.solvers.cholesky import _missing, count_operations
+
+    nan = np.nan
+    done = ~np.isnan(np.array([[0, 0, 0], [nan, nan, nan], [nan, nan, nan]]))
+    step = np.array([[0, 0, 0], [0, 1, 1], [0, 0, 0]])
+    todo = _missing(done, step)
+    assert todo == [
+        [("update", 0, 2, 2)],
+        [("potrf", 1), ("trsm", 1, 2), ("update", 1, 2, 2)],
+        [("potrf", 2)],
+    ]
+    assert count_operations(3) == 10  # 3 potrf, 3 trsm, 3 + 1 updates
+    fresh = _missing(np.zeros((3, 3), bool), np.zeros((3, 3), int))
+    assert sum(map(len, fresh)) == 10
+    assert _missing(np.ones((3, 3), bool), step) == [[], [], []]
+
+
+def test_a_resumed_factorisation_bar_starts_at_the_done_count(tmp_path, client, monkeypatch):
+    from nngp_dist.solvers import cholesky
+
+    bars = []
+    real = cholesky.progress_bar
+
+    def spy(total, initial, enabled, desc="kernel", unit="tile"):
+        bars.append((desc, total, initial))
+        return real(total, initial, False, desc, unit)
+
+    monkeypatch.setattr(cholesky, "progress_bar", spy)
+    store = make_kernel(tmp_path, client, n=64, tile=16)  # 4 x 4 tiles: 20 + 10 + 4 ... ops
+    jobs.solve(str(store), noise=1e-3, client=client, progress=True)
+    total = cholesky.count_operations(4)
+    assert bars == [("cholesky", total, 0)]
+    jobs.solve(str(store), noise=1e-3, client=client, progress=True)  # resumes: all done
+    assert bars[-1] == ("cholesky", total, total)

@@ -398,3 +398,21 @@ def test_a_failed_flush_keeps_the_old_tile_and_leaves_no_debris(tmp_path, monkey
         arr[...] = 4 * old
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "k"))[...], 3 * old)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+
+
+def test_temporary_files_of_killed_writes_are_removed_when_a_writer_opens(tmp_path, small_npz):
+    """A SIGKILL between an atomic write and its rename leaves ``<chunk>.<hex>.partial``:
+    never data, removed when the store is next opened for writing (not when read)."""
+    run(tmp_path / "k.zarr", small_npz, tile_size=8)
+    left = [
+        tmp_path / "k.zarr" / "tiles" / "k_train_train" / "c" / "0" / "1.5f3e.partial",
+        tmp_path / "k.zarr" / "k_train_train" / "c" / "0" / "0.77aa.partial",
+    ]
+    for p in left:
+        p.write_bytes(b"half a chunk")
+    KernelStore.open(str(tmp_path / "k.zarr"))
+    assert all(p.exists() for p in left)  # a reader changes nothing
+    KernelStore.open(str(tmp_path / "k.zarr"), "r+")
+    assert not list((tmp_path / "k.zarr").rglob("*.partial"))
+    run(tmp_path / "k.zarr", small_npz, tile_size=8)  # still a complete, valid store
+    assert KernelStore.open(str(tmp_path / "k.zarr")).status()["stage"] == "kernel-done"

@@ -105,12 +105,37 @@ def _prepare(store: KernelStore, jitter: float, attempt: dict) -> None:
     store.update_meta(factor={**attempt, "noise": jitter, "complete": False})
 
 
-def _submit_all(client: Any, store: KernelStore, jitter: float, lookahead: int, bar: Any) -> None:
-    """Submit the missing tile operations in waves of steps; raise what a task raises."""
+def _missing(done: np.ndarray, step: np.ndarray) -> list[list[tuple]]:
+    """The tile operations still to run, per step k: ``("potrf", k)``, ``("trsm", k, j)`` and
+    ``("update", k, i, j)``, leaving out the factor tiles recorded as done and the updates a
+    tile has already received (``tiles/chol_step``)."""
+    nt = len(done)
+    steps: list[list[tuple]] = []
+    for k in range(nt):
+        ops: list[tuple] = [] if done[k, k] else [("potrf", k)]
+        ops += [("trsm", k, j) for j in range(k + 1, nt) if not done[k, j]]
+        ops += [
+            ("update", k, i, j)
+            for i in range(k + 1, nt)
+            for j in range(i, nt)
+            if not (done[i, j] or step[i, j] > k)
+        ]
+        steps.append(ops)
+    return steps
+
+
+def _submit_all(
+    client: Any,
+    store: KernelStore,
+    jitter: float,
+    lookahead: int,
+    todo: list[list[tuple]],
+    bar: Any,
+) -> None:
+    """Submit the missing tile operations ``todo`` (:func:`_missing`) in waves of steps;
+    raise what a task raises."""
     ctx = TaskContext.of(store)
     nt = ctx.blocks
-    done = ~np.isnan(store.read(record(CHOL)))
-    step = store.read(record(CHOL_STEP))
     last: dict[tuple[int, int], Any] = {}  # (i, j) -> future of its latest update
     panel: dict[tuple[int, int], Any] = {}  # (k, j) -> future of U[k, j]
     waves: list[list[Any]] = []
@@ -131,18 +156,18 @@ def _submit_all(client: Any, store: KernelStore, jitter: float, lookahead: int, 
         return fut
 
     try:
-        for k in range(nt):
+        for k, ops in enumerate(todo):
             waves.append([])
-            if not done[k, k]:
-                panel[(k, k)] = submit(_potrf, "potrf", 3 * nt - k, k, deps=(last.get((k, k)),))
-            for j in range(k + 1, nt):
-                if not done[k, j]:
+            for op in ops:
+                if op[0] == "potrf":
+                    deps = (last.get((k, k)),)
+                    panel[(k, k)] = submit(_potrf, "potrf", 3 * nt - k, k, deps=deps)
+                elif op[0] == "trsm":
+                    j = op[2]
                     deps = (panel.get((k, k)), last.get((k, j)))
                     panel[(k, j)] = submit(_trsm, "trsm", 2 * nt - k, k, j, deps=deps)
-            for i in range(k + 1, nt):
-                for j in range(i, nt):
-                    if done[i, j] or step[i, j] > k:
-                        continue
+                else:
+                    i, j = op[2:]
                     deps = (panel.get((k, i)), panel.get((k, j)), last.get((i, j)))
                     last[(i, j)] = submit(_update, "update", nt - k, k, i, j, deps=deps)
             for old in [kj for kj in panel if kj[0] < k]:  # no later step depends on these
@@ -204,10 +229,13 @@ def factorize(
     while True:
         jitter = rel * mean_diag
         _prepare(store, jitter, {"noise_rel": rel, "noise_requested": noise, "attempts": attempts})
-        done = int((~np.isnan(store.read(record(CHOL)))).sum())
-        bar = progress_bar(count_operations(nt), 0, progress, "cholesky")
+        finished = ~np.isnan(store.read(record(CHOL)))
+        done = int(finished.sum())
+        todo = _missing(finished, store.read(record(CHOL_STEP)))
+        total = count_operations(nt)
+        bar = progress_bar(total, total - sum(map(len, todo)), progress, "cholesky", "operation")
         try:
-            _submit_all(client, store, jitter, lookahead, bar)
+            _submit_all(client, store, jitter, lookahead, todo, bar)
         except NotPositiveDefinite as e:
             attempts.append(
                 {"noise": rel, "noise_abs": jitter, "result": f"not positive definite: {e}"}
