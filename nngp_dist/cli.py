@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .errors import UserError
+from .errors import CorruptStore, UserError
 
 ACTIVATION_HELP = (
     "relu, leaky_relu:ALPHA, erf, tanh, gelu, linear, or module:function for any elementwise "
@@ -32,7 +32,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except JobError as e:
+        except (JobError, CorruptStore) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -90,11 +90,41 @@ kernel_options = _options(
     click.option("--standardize", is_flag=True, help="Centre and scale each image."),
     click.option(
         "--arch",
-        type=click.Choice(["fc", "conv", "resnet32"]),
+        type=click.Choice(["fc", "conv", "resnet32", "trained"]),
         default="fc",
         show_default=True,
-        help="fc (dense layers), conv (conv layers on images) or resnet32 (the ResNet GP of "
-        "Garriga-Alonso et al.).",
+        help="fc (dense layers), conv (conv layers on images), resnet32 (the ResNet GP of "
+        "Garriga-Alonso et al.) or trained (the kernel J J^T / delta of a trained PyTorch "
+        "network, --model).",
+    ),
+    click.option(
+        "--model",
+        default=None,
+        help="trained: a torch.export archive (.pt2), or a factory 'module:function' "
+        "returning the nn.Module (imported only with --trust-code).",
+    ),
+    click.option(
+        "--weights",
+        default=None,
+        type=click.Path(exists=True, dir_okay=False),
+        help="trained: a state_dict file (loaded with torch.load(weights_only=True)).",
+    ),
+    click.option(
+        "--prior-precision",
+        type=float,
+        default=None,
+        show_default="1",
+        help="trained: the prior precision delta of the weights (kernel J J^T / delta).",
+    ),
+    click.option(
+        "--input-shape",
+        default=None,
+        help="trained: the shape each input row is reshaped to, e.g. 1,28,28.",
+    ),
+    click.option(
+        "--trust-code",
+        is_flag=True,
+        help="trained: allow importing the --model factory's module (it runs its code).",
     ),
     click.option(
         "--depth",
@@ -272,6 +302,31 @@ solve_options = _options(
 )
 
 
+laplace_options = _options(
+    click.option(
+        "--likelihood",
+        type=click.Choice(["regression", "classification"]),
+        default=None,
+        help="trained: the Laplace-GP posterior of the network under this likelihood (instead "
+        "of the GP regression of the solve and predict stages).",
+    ),
+    click.option(
+        "--sigma",
+        type=float,
+        default=None,
+        show_default="1",
+        help="--likelihood regression: the noise's standard deviation.",
+    ),
+    click.option(
+        "--samples",
+        type=click.IntRange(min=1),
+        default=None,
+        help="--likelihood classification: class probabilities by Monte Carlo over this many "
+        "draws of the logits [default: the probit approximation].",
+    ),
+)
+
+
 predict_options = _options(
     click.option(
         "--json",
@@ -304,6 +359,7 @@ def kernel(kernel_kind: str, quiet: bool, **options: Any) -> None:
     """Compute a network's kernel into a store (resumes a partly computed store)."""
     from . import jobs
 
+    _input_shape(options)
     summary = jobs.kernel(kernel=kernel_kind, progress=not quiet, **options)
     click.echo(
         f"{summary['store']}: {summary['tiles_computed']} tiles computed, "
@@ -343,11 +399,15 @@ def predict(quiet: bool, **options: Any) -> None:
     """Posterior means and variances of the test points; accuracy, MSE, calibration."""
     from . import jobs
 
-    _report(jobs.predict(progress=not quiet, **options))
+    r = jobs.predict(progress=not quiet, **options)
+    for text in r.get("warnings", []):  # said when solving; predict alone repeats it
+        click.echo(f"warning: {text}", err=True)
+    _report(r)
 
 
 @main.command()
 @kernel_options
+@laplace_options
 @solve_options
 @predict_options
 @cluster_options
@@ -356,7 +416,37 @@ def run(kernel_kind: str, quiet: bool, **options: Any) -> None:
     """kernel, solve and predict in one go (each resumes what a store already holds)."""
     from . import jobs
 
-    _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
+    _input_shape(options)
+    if options.get("likelihood") is None and options.get("sigma") is not None:
+        raise UserError("--sigma is the noise of --likelihood regression; give --likelihood")
+    r = jobs.run(kernel=kernel_kind, progress=not quiet, **options)
+    if r.get("likelihood"):
+        _laplace_report(r)
+    else:
+        _report(r)
+
+
+def _input_shape(options: dict) -> None:
+    """``--input-shape 1,28,28`` as a tuple."""
+    shape = options.get("input_shape")
+    if shape is not None:
+        try:
+            options["input_shape"] = tuple(int(v) for v in shape.split(","))
+        except ValueError:
+            raise UserError(f"--input-shape must be sizes like 1,28,28, got {shape!r}") from None
+
+
+def _laplace_report(r: dict) -> None:
+    keys = ("accuracy", "nll", "ece", "mse", "map_accuracy", "map_nll", "map_ece")
+    for k in keys:
+        if k in r:
+            click.echo(f"{k + ':':14s} {r[k]:.6g}")
+    lml = r["log_marginal_likelihood"]
+    click.echo(f"log marginal likelihood: {'n/a' if lml is None else f'{lml:.6g}'}")
+    click.echo(
+        f"{r['likelihood']}, prior precision {r['prior_precision']:g}, "
+        f"{r['n_train']} train, {r['n_test']} test"
+    )
 
 
 @main.command()
@@ -374,6 +464,7 @@ def submit(kernel_kind: str, quiet: bool, detach: bool, **options: Any) -> None:
     """run, on a cluster; with --detach the job outlives this command (see cancel, status)."""
     from . import jobs
 
+    _input_shape(options)
     if not detach:
         _report(jobs.run(kernel=kernel_kind, progress=not quiet, **options))
         return
@@ -545,8 +636,15 @@ def figures(sizes: str | None, **options: Any) -> None:
     size_list = [integer("--sizes", s) for s in sizes.split(",")] if sizes else None
     r = make(sizes=size_list, **options)
     for row in r["learning_curve"]:
-        acc = f"accuracy {row['accuracy']:.4f}, " if "accuracy" in row else ""
+        acc = (
+            f"accuracy {row['accuracy']:.4f} +- {row['accuracy_se']:.4f}, "
+            if "accuracy" in row
+            else ""
+        )
         click.echo(f"n_train {row['n_train']:>7d}: {acc}mse {row['mse']:.5g}")
+    click.echo("calibration (predicted variance, realised mse, realised / predicted):")
+    for b in r["calibration"]:
+        click.echo(f"  {b['mean_variance']:10.4g} {b['mse']:10.4g} {b['ratio']:7.3f}")
     for k, v in r["files"].items():
         click.echo(f"{k}: {v}")
 
@@ -606,6 +704,55 @@ def status(store: str, as_json: bool, scheduler: str | None) -> None:
         r = st["predict"]
         acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
         click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
+
+
+@main.command()
+@store_option
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Forget the bad chunks and what was computed from them, so that a re-run recomputes "
+    "just those (takes the store's lock).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@_user_errors
+def verify(store: str, repair: bool, as_json: bool) -> None:
+    """Read every chunk of a store and check it (checksum, and against the completion records).
+
+    Exit status 0 when every chunk is sound (or, with --repair, every bad one was repaired),
+    1 otherwise."""
+    from .verify import verify as check
+
+    r = check(store, repair=repair)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        for p in r["problems"]:
+            tile = ", ".join(map(str, p["tile"]))
+            click.echo(f"bad: array {p['array']}, tile ({tile}): {p['problem']}")
+        click.echo(f"{r['store']}: {r['chunks_checked']} chunks read, {len(r['problems'])} bad")
+        _verify_advice(r, repair)
+    if r["unrepairable"] or (r["problems"] and not repair):
+        sys.exit(1)
+
+
+def _verify_advice(r: dict, repair: bool) -> None:
+    if r["unrepairable"]:
+        click.echo(
+            "the inputs (x_*, y_*) cannot be recomputed from the store: make it again with the "
+            "same command and --overwrite",
+            err=True,
+        )
+    if not r["rerun"]:
+        return
+    stages = ", then ".join(r["rerun"])
+    if repair:
+        click.echo(
+            f"repaired: re-run 'nngp-dist run' with the store's options (or {stages}) to "
+            "recompute just what was forgotten"
+        )
+    else:
+        click.echo(f"repair: nngp-dist verify --store {r['store']} --repair", err=True)
 
 
 def _job_line(job: dict | None) -> str:

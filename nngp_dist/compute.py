@@ -19,11 +19,11 @@ import zarr
 from distributed import as_completed
 
 from . import backend, config, workers
-from .errors import UserError
+from .errors import CorruptStore, UserError
 from .kernels import Spec
 from .layout import K_TRAIN_TRAIN, KERNEL_ARRAYS, X_TEST, X_TRAIN
 from .progress import progress_bar
-from .storage import KernelStore, utcnow
+from .storage import KernelStore, read_checked, utcnow
 from .tiling import Tile, TilePlan
 from .workers import TaskContext
 
@@ -43,7 +43,8 @@ class JobError(RuntimeError):
 def _rows(ctx: TaskContext, part: str, sel: tuple[int, int]) -> np.ndarray:
     """Input rows ``sel`` of ``part`` as float64 (cached: a worker's next tile often shares
     its row or column block with the last)."""
-    x = workers.open_group(ctx.url, ctx.token, flush=True)[INPUTS[part]][sel[0] : sel[1]]
+    group = workers.open_group(ctx.url, ctx.token, flush=True)
+    x = read_checked(group[INPUTS[part]], slice(sel[0], sel[1]), url=ctx.url)
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float64)
 
 
@@ -138,7 +139,10 @@ def compute_kernel(
     With a ``distributed.Client`` the tiles run on its workers, at most ``max_in_flight`` at a
     time (default: ``nngp-dist.tasks-per-thread`` per worker thread); with ``client=None``
     they run one by one in this process (for tests and debugging). Tiles already recorded as
-    done are skipped, so a killed run resumes where it stopped.
+    done are skipped, so a killed run resumes where it stopped. Without ``spec`` (the caller's
+    own, used when it is the store's), the store's recorded spec is used: one naming Python code
+    as its activation only from a store opened with ``trust_code=True``
+    (:meth:`KernelStore.open`), else a :class:`~nngp_dist.errors.UserError` says so.
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
@@ -160,6 +164,8 @@ def compute_kernel(
             for tile in todo:
                 try:
                     run_tile(*args, tile, meta["dtype"], device)
+                except CorruptStore:
+                    raise  # its own remedy, not a re-run
                 except Exception as e:
                     raise JobError(
                         f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
@@ -199,6 +205,8 @@ def _run_distributed(
         for fut in futures:
             try:
                 fut.result()
+            except CorruptStore:
+                raise  # its own remedy, not a re-run
             except Exception as e:
                 raise JobError(
                     f"{fut.key} failed: {type(e).__name__}: {e}\nTiles finished before it are "
@@ -218,7 +226,7 @@ def probe(spec: Spec, data: Any, dtype: str) -> None:
     (one that does not take arrays, or cannot be rebuilt on the workers) or overflowing inputs
     fail here with a :class:`UserError`, not inside a tile."""
     try:
-        Spec.from_dict(spec.to_dict())
+        Spec.from_dict(spec.to_dict(), trust=True)  # the caller's own spec
     except ValueError as e:
         raise UserError(
             f"the activation {spec.activation.name!r} cannot be recorded in the store and "

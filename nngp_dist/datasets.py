@@ -24,7 +24,15 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["DATASETS", "Dataset", "as_dataset", "from_arrays", "load"]
+__all__ = [
+    "CLASS_NAMES",
+    "DATASETS",
+    "Dataset",
+    "as_dataset",
+    "class_names",
+    "from_arrays",
+    "load",
+]
 
 # Upstream files (over https, from their publishers) and the MD5 sums the publishers list for
 # them: pooch checks every download against them and keeps nothing that differs.
@@ -517,3 +525,41 @@ def _load_cifar(data_dir: str | os.PathLike | None, download: bool) -> dict:
         "x_test": batches[5][0],
         "y_test": batches[5][1],
     }
+
+
+# The publishers' class names, in label order (the demo is a subset of Fashion-MNIST).
+_FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+CLASS_NAMES = {
+    "demo": _FASHION_MNIST_CLASSES,
+    "fashion-mnist": _FASHION_MNIST_CLASSES,
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
+
+
+def class_names(name: str, labels: Any) -> list[str]:
+    """Names of the integer ``labels`` in dataset ``name`` (``class k`` where none is known)."""
+    known = CLASS_NAMES.get(name, ())
+    return [known[k] if 0 <= k < len(known) else f"class {k}" for k in map(int, labels)]

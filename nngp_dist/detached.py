@@ -13,6 +13,14 @@ client disconnects, the scheduler forgets its queued tasks, and the tasks runnin
 tiles (each tile and its record are written before the next), so the store stays consistent
 and a re-submission resumes it. ``nngp-dist status --store`` follows a job's progress.
 
+The record keeps the driver's pid with its start time and job id, and a task on the driver's
+worker checks them whenever a running job is looked at (``status --scheduler``, ``submit``,
+``cancel``): a driver that died without reporting (SIGKILL, out of memory) shows as
+``failed``, does not block a new submission, and ``cancel`` signals a pid only while it is
+still that driver (same start time, the job's id on its command line), never a process that
+was given the pid later. The driver holds the store's lock (:mod:`nngp_dist.lock`) like any
+other writer.
+
 Because the driver runs on a worker, the dataset and the store must be reachable from the
 workers (shared storage, or an fsspec URL such as ``s3://``), as they must be for the tiles.
 """
@@ -30,6 +38,7 @@ import uuid
 from typing import Any
 
 from .errors import UserError
+from .lock import process_alive, process_start
 from .storage import normalize_url
 
 __all__ = ["cancel", "job_info", "submit"]
@@ -65,12 +74,42 @@ def _launch(options: dict, log: str, env: dict) -> dict:
             start_new_session=True,
             env={**os.environ, **env},
         )
+    started = process_start(proc.pid)
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it ends
-    return {"pid": proc.pid, "worker": worker.address, "log": log}
+    return {"pid": proc.pid, "pid_started": started, "worker": worker.address, "log": log}
 
 
-def _stop(pid: int, grace: float) -> str:
-    """Worker task: SIGTERM the driver's process group, SIGKILL it after ``grace`` seconds."""
+def _is_driver(pid: int, started: float | None, job: str) -> bool:
+    """Whether process ``pid`` of this host is still job ``job``'s driver: it runs, started
+    when the driver did, and has the job's id on its command line (never a reused pid)."""
+    if not process_alive(pid, started):
+        return False
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        for _ in range(20):  # empty for a moment while a process execs: look again
+            cmdline = proc.cmdline()
+            if cmdline:
+                break
+            time.sleep(0.1)
+        return any(job in part for part in cmdline)
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        return True
+    except Exception:  # it ended meanwhile, or is not ours to inspect
+        return False
+
+
+def _alive(pid: int, started: float | None, job: str) -> bool:
+    """Worker task: :func:`_is_driver` on the driver's host."""
+    return _is_driver(pid, started, job)
+
+
+def _stop(pid: int, grace: float, started: float | None = None, job: str = "") -> str:
+    """Worker task: SIGTERM the driver's process group, SIGKILL it after ``grace`` seconds;
+    each signal only while ``pid`` is still the driver (see :func:`_is_driver`)."""
+    if job and not _is_driver(pid, started, job):
+        return "not running (the driver had already ended)"
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -81,9 +120,42 @@ def _stop(pid: int, grace: float) -> str:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return "stopped"
+        if job and not _is_driver(pid, started, job):
+            return "stopped"  # the driver is gone; its group's pid may be another's now
         time.sleep(0.1)
     os.killpg(pid, signal.SIGKILL)
     return "killed"
+
+
+def _check_driver(c: Any, var: Any, rec: dict | None) -> dict | None:
+    """``rec`` with a running job whose driver has died marked ``failed`` (and stored so);
+    unchanged if its driver lives, or cannot be checked (its worker has left the cluster)."""
+    if not rec or rec.get("state") not in ("running", "starting") or "pid" not in rec:
+        return rec
+    if rec.get("worker") not in c.scheduler_info()["workers"]:
+        return rec
+    alive = c.submit(
+        _alive,
+        rec["pid"],
+        rec.get("pid_started"),
+        rec["job"],
+        workers=[rec["worker"]],
+        allow_other_workers=False,
+        pure=False,
+    ).result()
+    if alive:
+        return rec
+    current = _get(var) or rec
+    if current.get("job") != rec["job"] or current.get("state") not in ("running", "starting"):
+        return current  # it reported its end meanwhile
+    current = {
+        **current,
+        "state": "failed",
+        "error": f"the driver (pid {rec['pid']}) died without reporting (killed?)",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    var.set(current)
+    return current
 
 
 def _tls_env() -> dict:
@@ -126,7 +198,7 @@ def submit(store: str, *, scheduler: str | None, **run_options: Any) -> dict:
     options = {"store": store, **run_options, "progress": False}
     with connect(scheduler) as c:
         var = Variable(_variable_name(store), client=c)
-        old = _get(var)
+        old = _check_driver(c, var, _get(var))
         if old and old.get("state") == "running":
             raise UserError(
                 f"job {old['job']} is already running on {store} (since {old['submitted']}); "
@@ -167,7 +239,8 @@ def job_info(store: str, *, scheduler: str | None) -> dict | None:
     from .cluster import connect
 
     with connect(scheduler) as c:
-        return _get(Variable(_variable_name(store), client=c))
+        var = Variable(_variable_name(store), client=c)
+        return _check_driver(c, var, _get(var))
 
 
 def cancel(store: str, *, scheduler: str | None) -> dict:
@@ -180,9 +253,11 @@ def cancel(store: str, *, scheduler: str | None) -> dict:
         raise UserError("cancel needs the cluster the job runs on: --scheduler ADDRESS")
     with connect(scheduler) as c:
         var = Variable(_variable_name(store), client=c)
-        rec = _get(var)
+        rec = _check_driver(c, var, _get(var))
         if rec is None or rec.get("state") not in ("running", "starting") or "pid" not in rec:
             state = rec.get("state") if rec else "none"
+            if rec and rec.get("error"):
+                state += f": {rec['error']}"
             raise UserError(f"no running job on {normalize_url(store)} (last job: {state})")
         if rec["worker"] not in c.scheduler_info()["workers"]:
             outcome = "its worker has left the cluster (and the driver with it, if on it)"
@@ -191,6 +266,8 @@ def cancel(store: str, *, scheduler: str | None) -> dict:
                 _stop,
                 rec["pid"],
                 STOP_GRACE,
+                rec.get("pid_started"),
+                rec["job"],
                 workers=[rec["worker"]],
                 allow_other_workers=False,
                 pure=False,
@@ -218,7 +295,7 @@ def _driver(argv: list[str]) -> int:
             if rec.get("job") == job and rec.get("state") != "cancelled":
                 var.set({**rec, **fields})
 
-        report(state="running", pid=os.getpid())
+        report(state="running", pid=os.getpid(), pid_started=process_start(os.getpid()))
         print(f"job {job} (driver pid {os.getpid()}): run on {store} via {scheduler}", flush=True)
         try:
             result = jobs.run(store, client=c, **options)

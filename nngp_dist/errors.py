@@ -1,6 +1,6 @@
 """Errors a user can act on. The CLI prints them without a traceback and exits non-zero."""
 
-__all__ = ["StoreMismatch", "UserError"]
+__all__ = ["CorruptStore", "StoreMismatch", "UserError"]
 
 
 class UserError(ValueError):
@@ -16,3 +16,10 @@ class StoreMismatch(UserError):
     def __init__(self, message: str, differences: list[str]) -> None:
         super().__init__(message)
         self.differences = differences
+
+
+class CorruptStore(RuntimeError):
+    """A chunk of the store fails its checksum or does not decode, or is missing though its
+    completion record says it is written. Nothing was computed from it; the message names the
+    array and the tile, and ``nngp-dist verify --store S --repair`` (which finds every such
+    chunk and forgets what was computed from it) is the remedy. The CLI exits with status 1."""

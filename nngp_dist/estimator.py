@@ -48,6 +48,7 @@ import numpy as np
 from . import datasets, jobs
 from .errors import StoreMismatch, UserError
 from .layout import MEAN, VARIANCE
+from .lock import store_lock
 from .storage import KernelStore
 
 __all__ = ["NNGPClassifier", "NNGPRegressor", "NotFittedError"]
@@ -271,7 +272,8 @@ class _NNGP(BaseEstimator):
         data = datasets.from_arrays(_DATASET, X, y_fit, X[:1], y_fit[:1])
         tmp = _TempStore() if self.store is None else None
         url = tmp.url if tmp is not None else self.store
-        with self._client() as c:
+        # kernel and solve as one writer (no other job between them), refused before a cluster
+        with store_lock(url, "fit"), self._client() as c:
             self._kernel(url, data, c, tile_size=self.tile_size, dtype=self.dtype)
             solved = jobs.solve(
                 url,
@@ -385,12 +387,13 @@ class _NNGP(BaseEstimator):
             if self.store_ is None:  # an unpickled copy of a model fitted on a temporary store
                 self._tmp = _TempStore()
                 self.store_ = self._tmp.url
-            self._kernel(self.store_, data, c, **self._tiles)
-            if not self._holds_solution(self.store_):
-                self._resolve(self.store_, c)
-            jobs.predict(self.store_, score=False, progress=self.progress, client=c)
-        ks = KernelStore.open(self.store_)
-        mean, var = ks.read(MEAN), ks.read(VARIANCE)
+            with store_lock(self.store_, "predict"):  # the test set and its predictions together
+                self._kernel(self.store_, data, c, **self._tiles)
+                if not self._holds_solution(self.store_):
+                    self._resolve(self.store_, c)
+                jobs.predict(self.store_, score=False, progress=self.progress, client=c)
+                ks = KernelStore.open(self.store_)
+                mean, var = ks.read(MEAN), ks.read(VARIANCE)
         # The targets' predictive variance: the prior's scale fitted by maximum likelihood
         # times the latent variance plus the noise (as nngp_dist.predict.predictive_variance).
         std = np.sqrt(self.output_scale_ * (var + self.solve_["noise_abs"]))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, config, datasets
+from . import backend, config, datasets, laplace
 from .cluster import (
     check_job,
     check_solve,
@@ -24,6 +24,7 @@ from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
 from .layout import ALPHA, Y_TEST, Y_TRAIN
+from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
 from .select import check_options, noise_grid
@@ -51,6 +52,14 @@ def kernel(
     padding: str | None = None,
     skip_every: int | None = None,
     readout: str | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    prior_precision: float | None = None,
+    output: Any = None,
+    input_shape: Any = None,
+    trust_code: bool = False,
+    likelihood: str | None = None,
+    sigma: float | None = None,
     tile_size: int | None = None,
     dtype: str | None = None,
     train_size: int | None = None,
@@ -70,37 +79,30 @@ def kernel(
 ) -> dict:
     """Compute a network's kernel on a dataset into the store at ``store``, resuming if possible.
 
-    ``dataset`` is a name (see :func:`nngp_dist.datasets.load`) or a
-    :class:`~nngp_dist.datasets.Dataset` (:func:`~nngp_dist.datasets.from_arrays`). With
+    ``dataset`` is a name (:func:`nngp_dist.datasets.load`) or a ``Dataset``. With
     ``replace_test``, a store of the same spec and training set but another test set keeps its
-    training kernel (and factor and solution) and gets the new test set's tiles.
+    training kernel (and factor and solution) and gets the new test set's tiles. Image nets
+    (``arch`` conv or resnet32) take the images' shape from the dataset and, without
+    ``tile_size``, a tile from ``image_tile_size``; an option the architecture lacks is an
+    error. ``arch="trained"``: a trained network (a factory imported only with ``trust_code``);
+    ``likelihood`` and ``sigma`` are checked against it.
 
-    Image networks (``arch`` conv or resnet32; ``filter_size``, ``stride``, ``dilation``,
-    ``padding``, ``skip_every`` and ``readout`` as in :class:`~nngp_dist.kernels.Spec`, whose
-    defaults apply where they are None) take the images' shape from the dataset, and without
-    ``tile_size`` get one chosen by :func:`~nngp_dist.tiling.image_tile_size`. An option the
-    architecture does not have (the conv options with fc, ``depth`` or the conv options with
-    resnet32) is an error, not silently ignored.
-
-    Everything is checked before the first tile is written: the data (NaN, shapes, sizes), the
-    spec, the store (a store of another spec, dataset or tile size is refused unless
-    ``overwrite``), and the scheduler. Returns a summary (tiles computed and skipped, seconds).
-    Pass ``client`` (a ``distributed.Client``) to use it instead of connecting. ``dry_run``
-    stops after the checks (nothing is written, no cluster is contacted). Tiles under 16, and a
-    local store whose disk has less free space than the kernel's estimated size, are refused
-    unless ``force``; so is a worker memory limit too small for a tile.
+    All is checked before the first tile is written: data, spec, store (one of another spec,
+    dataset or tile size refused unless ``overwrite``; one another job writes, always), the
+    scheduler, worker memory, tiles under 16 and free disk (unless ``force``). Returns tiles
+    computed and skipped, seconds. ``client``: a Client to use; ``dry_run``: only check.
 
     Examples
     --------
-    >>> kernel("demo.zarr", dataset="demo", depth=3, weight_var=1.45, bias_var=0.28,
-    ...        train_size=500, test_size=100)  # doctest: +SKIP
+    >>> kernel("k.zarr", dataset="demo", depth=3, train_size=500, test_size=100)  # doctest: +SKIP
     {'tiles_total': 2, 'tiles_computed': 2, 'tiles_skipped': 0, 'seconds': 0.41}
     """
-    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS}  # the conv layers' options
+    conv = {k: v for k, v in locals().items() if k in CONV_OPTIONS + TRAINED_OPTIONS}
     config.checked()
-    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv)
+    spec = _spec(arch, depth, activation, weight_var, bias_var, kernel, conv, trust_code)
     dataset = datasets.as_dataset(dataset, data_dir, train_size, test_size, standardize)
     spec, data, tile_size, dtype = _resolve(spec, dataset, tile_size, dtype, device, force)
+    laplace.check_inputs(spec, data, likelihood, sigma)
     if device == "gpu" and not dry_run and client is None and not scheduler_address(scheduler):
         _need_gpu()  # the embedded cluster's workers are this machine's
     store = normalize_url(store)
@@ -110,14 +112,15 @@ def kernel(
     check_job(store, action, plan, data.x_train.shape[1], dtype, memory_limit, force=force)
     if dry_run:
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
-
-    job = functools.partial(_fill, store, action, meta, data, plan, spec, device, progress)
-    return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
+    with store_lock(store, "kernel"):  # one writer per store; _fill decides again under it
+        how = {"overwrite": overwrite, "replace_test": replace_test}
+        job = functools.partial(_fill, store, how, meta, data, plan, spec, device, progress)
+        return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
 
 
 def _fill(
     store: str,
-    action: str,
+    how: dict,
     meta: dict,
     data: datasets.Dataset,
     plan: TilePlan,
@@ -126,8 +129,10 @@ def _fill(
     progress: bool,
     c: Any,
 ) -> dict:
-    """Create, resume or replace the test set of the store as ``action`` says, then compute
-    its missing tiles with client ``c`` (None: in this process)."""
+    """Create, resume or replace the test set of the store as :meth:`KernelStore.check` decides
+    with the options ``how`` (under the store's lock), then compute its missing tiles with client
+    ``c`` (None: in this process)."""
+    action = KernelStore.check(store, meta, **how)
     if c is not None:
         check_workers(c, plan.tile_size, data.x_train.shape[1])
     if c is not None and progress:
@@ -178,7 +183,13 @@ def _resolve(
 
 # Which of the architecture options each architecture has; the others are refused, not ignored.
 CONV_OPTIONS = ("filter_size", "stride", "dilation", "padding", "skip_every", "readout")
-ARCH_OPTIONS = {"fc": ("depth",), "conv": ("depth", *CONV_OPTIONS), "resnet32": ()}
+TRAINED_OPTIONS = ("model", "weights", "prior_precision", "output", "input_shape")
+ARCH_OPTIONS = {
+    "fc": ("depth",),
+    "conv": ("depth", *CONV_OPTIONS),
+    "resnet32": (),
+    "trained": TRAINED_OPTIONS,
+}
 
 
 def _spec(
@@ -189,17 +200,21 @@ def _spec(
     bias_var: float,
     kernel: str,
     conv: dict,
+    trust: bool = False,
 ) -> Spec:
     """The architecture from the kernel options, refusing options ``arch`` does not have."""
     given = {k: v for k, v in {"depth": depth, **conv}.items() if v is not None}
     unused = [k for k in given if k not in ARCH_OPTIONS.get(arch, given)]
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        fixed = "has a fixed layout" if arch == "resnet32" else "has no conv layers"
+        fixed = {"resnet32": "has a fixed layout", "trained": "is a trained network"}.get(
+            arch, "has no conv layers"
+        )
         one = len(unused) == 1
+        other = "trained" if set(unused) & set(TRAINED_OPTIONS) else "conv"
         raise UserError(
             f"{flags} {'does' if one else 'do'} not apply to --arch {arch}, which "
-            f"{fixed}: drop {'it' if one else 'them'} (or use --arch conv)"
+            f"{fixed}: drop {'it' if one else 'them'} (or use --arch {other})"
         )
     try:
         return Spec(
@@ -209,12 +224,13 @@ def _spec(
             bias_var=bias_var,
             kernel=kernel,
             **given,
+            trust=trust,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
+def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: Any) -> dict:
     """Solve for ``alpha = (K + s I)^-1 T``; return the solve record (also kept in the store).
 
     ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
@@ -234,12 +250,43 @@ def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
     ``options`` are those of :class:`~nngp_dist.options.SolveOptions` (``noise``,
     ``max_noise``, ``method``, ``tol``, ``maxiter``, ``preconditioner``, ``validation_size``,
     ``select_by``) and of :class:`~nngp_dist.options.ClusterOptions` (``client``,
-    ``scheduler``, ``workers``, ``memory_limit``).
+    ``scheduler``, ``workers``, ``memory_limit``). With ``reuse`` (as ``run`` does), a store
+    whose last solve completed with the same options keeps it, and its predictions.
     """
     config.checked()
     cluster = take(options, ClusterOptions)
     opts = SolveOptions.checked(**options)
-    ks = KernelStore.open(store, "r+")
+    KernelStore.open(store)  # a clear error if there is no store, before the lock
+    with store_lock(store, "solve"):
+        ks = KernelStore.open(store, "r+")
+        if reuse and _solved_with(ks, opts):
+            return ks.meta["solve"]
+        return _solve(ks, opts, progress, cluster)
+
+
+def _solve_options(opts: SolveOptions) -> dict:
+    """The options a solve record depends on (CG's only for CG), as JSON keeps them."""
+    fields = {
+        "method": opts.method,
+        "noise": list(opts.noise),
+        "max_noise": opts.max_noise,
+        "validation_size": opts.validation_size,
+        "select_by": opts.select_by,
+    }
+    if opts.method == "cg":
+        fields.update(tol=opts.tol, maxiter=opts.maxiter, preconditioner=opts.preconditioner)
+    return fields
+
+
+def _solved_with(ks: KernelStore, opts: SolveOptions) -> bool:
+    """Whether the store holds a completed solve of these options (its record is written
+    last, and removed when a solve starts, so a record means a complete solution)."""
+    record = ks.meta.get("solve")
+    finished = ks.meta.get("stages", {}).get("solve", {}).get("finished")
+    return bool(record and finished and record.get("options") == _solve_options(opts))
+
+
+def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -> dict:
     t_train, by = _solve_inputs(ks, opts)
     check_solve(ks, opts.method, cluster.get("memory_limit"))
 
@@ -256,7 +303,11 @@ def solve(store: str, *, progress: bool = True, **options: Any) -> dict:
             )
             chosen = selection["chosen"]
         record = _SOLVERS[opts.method](ks, c, chosen, t_train, opts, progress)
-        record.update(selection=selection, seconds=round(time.perf_counter() - start, 3))
+        record.update(
+            selection=selection,
+            seconds=round(time.perf_counter() - start, 3),
+            options=_solve_options(opts),
+        )
         ks.update_meta(solve=record)
         ks.record_stage("solve", finished=utcnow(), seconds=record["seconds"])
         return record
@@ -296,7 +347,7 @@ def _solve_cholesky(
     except NotPositiveDefinite as e:
         raise UserError(str(e)) from None
     solution = solve_alpha(ks, client=c)
-    return {
+    record = {
         "method": "cholesky",
         "noise": factor["noise_rel"],
         "noise_abs": factor["noise"],
@@ -305,6 +356,23 @@ def _solve_cholesky(
         "log_marginal_likelihood": solution["log_marginal_likelihood"],
         "output_scale": solution["output_scale"],
     }
+    if factor["noise_rel"] != noise:
+        record["warnings"] = [_escalated(ks, noise, factor)]
+    return record
+
+
+def _escalated(ks: KernelStore, requested: float, factor: dict) -> str:
+    """Say on stderr that the noise was escalated, and why that may be; the text, for the
+    solve record and the report."""
+    text = (
+        f"the kernel plus the noise {requested:g} is not positive definite, so the noise was "
+        f"escalated to {factor['noise_rel']:g} (relative; {factor['noise']:.3g} absolute) and "
+        "every result is for that noise. Likely causes: a corrupt kernel tile (check the store "
+        f"with 'nngp-dist verify --store {ks.url}'), or a noise too small for this kernel "
+        "(raise --noise; --max-noise caps the escalation)."
+    )
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+    return text
 
 
 def _solve_cg(
@@ -353,7 +421,15 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
     config.checked()
     cluster = take(options, ClusterOptions)
     opts = PredictOptions.checked(**options)
-    ks = KernelStore.open(store, "r+")
+    KernelStore.open(store)  # a clear error if there is no store, before the lock
+    with store_lock(store, "predict"):
+        return _predict(KernelStore.open(store, "r+"), opts, score, progress, cluster)
+
+
+def _predict(
+    ks: KernelStore, opts: PredictOptions, score: bool, progress: bool, cluster: dict
+) -> dict:
+    store = ks.url
     if ks.status()["stage"] not in ("solved", "predict", "done"):
         raise UserError(f"{store} has no solution yet; run 'nngp-dist solve --store {store}' first")
 
@@ -380,6 +456,7 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
             "variance_clamped": out["variance_clamped"],
             "variance_blocks_unconverged": out["variance_blocks_unconverged"],
             "selection": solved.get("selection"),
+            "warnings": list(solved.get("warnings", [])),
         }
         seconds = round(time.perf_counter() - start, 3)
         ks.record_stage("predict", finished=utcnow(), seconds=seconds)
@@ -397,10 +474,14 @@ def predict(store: str, *, score: bool = True, progress: bool = True, **options:
 
 
 def run(store: str, *, progress: bool = True, **options: Any) -> dict:
-    """Kernel, solve and predict in one go on one cluster; returns the predict report.
+    """Kernel, solve and predict in one go on one cluster; returns the predict report. With
+    ``likelihood`` (a trained network), the Laplace-GP posterior of :mod:`nngp_dist.laplace`
+    instead of the solve and predict stages (whose noise options do not apply to it).
 
     ``options`` are those of :func:`kernel`, :func:`solve` and :func:`predict`; every one is
-    checked before the kernel is computed, not after.
+    checked before the kernel is computed, not after. A store already solved with the same
+    solve options keeps its solution and its finished prediction blocks (a run stopped in the
+    predict stage resumes there). The store's lock is held from the first check to the report.
     """
     cluster = take(options, ClusterOptions)
     solve_kw, predict_kw, kernel_kw = _split(options)
@@ -408,13 +489,21 @@ def run(store: str, *, progress: bool = True, **options: Any) -> dict:
     PredictOptions.checked(**predict_kw)
     if cluster.get("scheduler") == "synchronous":
         cluster["scheduler"] = None
+    post = {k: kernel_kw.get(k) for k in ("likelihood", "sigma", "trust_code")}
+    post["samples"] = kernel_kw.pop("samples", None)
 
     def go(c: Any) -> dict:
         kernel(store, client=c, progress=progress, **kernel_kw)
-        solve(store, client=c, progress=progress, **solve_kw)
+        if post["likelihood"] is not None:  # a trained network's Laplace-GP posterior
+            return laplace.posterior(
+                store, client=c, progress=progress, json_path=predict_kw.get("json_path"), **post
+            )
+        solve(store, client=c, progress=progress, reuse=True, **solve_kw)
         return predict(store, client=c, progress=progress, **predict_kw)
 
-    return with_client(go, **cluster)
+    KernelStore.check_location(store)  # a store path that can never be one: before the lock
+    with store_lock(store, "run"):
+        return with_client(go, **cluster)
 
 
 def check_run(store: str, **options: Any) -> dict:
@@ -422,7 +511,9 @@ def check_run(store: str, **options: Any) -> dict:
     solve_kw, predict_kw, kernel_kw = _split(options)
     SolveOptions.checked(**solve_kw)
     PredictOptions.checked(**predict_kw)
-    return kernel(store, dry_run=True, **kernel_kw)
+    checked = kernel(store, dry_run=True, **kernel_kw)
+    check_free(store)  # a store another job writes
+    return checked
 
 
 def _split(options: dict) -> tuple[dict, dict, dict]:

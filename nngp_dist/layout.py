@@ -18,13 +18,17 @@ __all__ = [
     "CHOL",
     "CHOL_STEP",
     "CHOL_WORK",
+    "CREATING",
     "DIMS",
     "K_TEST_DIAG",
     "K_TEST_TRAIN",
     "K_TRAIN_DIAG",
     "K_TRAIN_TRAIN",
     "KERNEL_ARRAYS",
+    "LAPLACE_SCALE",
+    "LOCK",
     "MEAN",
+    "OUTPUTS",
     "PREDICT",
     "RECORDS",
     "T_TRAIN",
@@ -49,10 +53,20 @@ CHOL, CHOL_WORK = "chol", ("chol_work0", "chol_work1")
 CG_NYSTROM, CG_BLOCKJACOBI = "cg_nystrom", "cg_blockjacobi"
 # The predict stage.
 MEAN, VARIANCE = "mean", "variance"
+# The Laplace-GP posterior of a trained network: one store per output c in the group
+# OUTPUTS ("outputs/<c>", each a whole kernel store of kappa_c), whose LAPLACE_SCALE holds
+# sqrt(Lambda_c), the square root of each training point's noise precision.
+OUTPUTS, LAPLACE_SCALE = "outputs", "laplace_scale"
 # Completion records live in the group RECORDS, one array per tiled array, plus CHOL_STEP (the
 # updates each factor tile has received) and PREDICT (one per block of test points).
 RECORDS = "tiles"
 CHOL_STEP, PREDICT = "chol_step", "predict"
+
+
+# Files at the store's root that are not arrays (zarr and xarray ignore them): the lease of the one
+# process that may write the store (nngp_dist.lock), and the marker of a creation in progress,
+# written before anything else of a new store and removed after its identity is complete.
+LOCK, CREATING = ".nngp-dist-lock", ".nngp-dist-creating"
 
 
 def record(name: str) -> str:
@@ -79,6 +93,7 @@ DIMS = {
     CG_BLOCKJACOBI: ("train", "block_col"),
     MEAN: ("test", "output"),
     VARIANCE: ("test",),
+    LAPLACE_SCALE: ("train",),
 }
 
 
@@ -152,7 +167,20 @@ ARRAYS = (
         f"`{MEAN}`, `{VARIANCE}`",
         "(M, C), (M,)",
         "(B, C), (B,)",
-        "posterior mean and variance (clamped at 0) of each test point",
+        "posterior mean and variance (clamped at 0) of each test point; (M, C) both for "
+        "the Laplace-GP posterior of a trained network (`--likelihood`), in its output space",
+    ),
+    ArrayDoc(
+        f"`{OUTPUTS}/<c>`",
+        "a store",
+        "",
+        "Laplace-GP posterior: the kernel store of output c (kappa_c), with its own factor",
+    ),
+    ArrayDoc(
+        f"`{OUTPUTS}/<c>/{LAPLACE_SCALE}`",
+        "(N,)",
+        "(S,)",
+        "sqrt of each training point's noise precision Lambda_c (1 / sigma for regression)",
     ),
     ArrayDoc(f"`{RECORDS}/{PREDICT}`", "(M / B,)", "1", "prediction block done (seconds)"),
 )

@@ -11,6 +11,11 @@ With ``K + s I = U^T U`` (``chol``, upper tiles; docs/science.md, Exact GP regre
 * ``log p(T) = -1/2 sum_c T_c^T alpha_c - C/2 log det(K + s I) - C N/2 log 2 pi`` (summed over
   the C output columns): :func:`log_marginal_likelihood`, the one place it is written.
 
+A store with a noise scale ``S = sqrt(Lambda)`` (per-point noise ``1 / Lambda``, the
+Laplace-GP posterior of a trained network) holds the factor of ``S K S + s I`` instead, and
+``(K + Lambda^-1)^-1 = S (S K S + I)^-1 S``: alpha and the forward solves of the variances
+apply S on both sides, and ``log det(K + Lambda^-1) = log det(S K S + I) - 2 sum log S``.
+
 A store solved by CG has no factor: its predictions solve ``(K + s I) Z = K_D*`` by PCG per
 block of test points instead (:func:`predict_test` picks the path from the solve record).
 Classification targets are one-hot with 0.9 for the true class and -0.1 elsewhere (Lee et al.);
@@ -31,6 +36,7 @@ from .layout import (
     CHOL,
     K_TEST_DIAG,
     K_TEST_TRAIN,
+    LAPLACE_SCALE,
     MEAN,
     PREDICT,
     T_TRAIN,
@@ -41,7 +47,7 @@ from .layout import (
 from .progress import progress_bar
 from .solvers.cg import StoreSystem
 from .solvers.factor import Factor
-from .storage import KernelStore
+from .storage import KernelStore, read_checked
 from .tiling import span
 from .workers import Recorded, TaskContext, store_task
 
@@ -81,17 +87,26 @@ def output_scale(t_train: np.ndarray, alpha: np.ndarray) -> float:
     return float((t_train * alpha).sum() / t_train.size)
 
 
-def leading_alpha(chol: Any, t: int, n: int, tt: np.ndarray) -> tuple[np.ndarray, float]:
+def leading_alpha(
+    chol: Any, t: int, n: int, tt: np.ndarray, url: str | None = None
+) -> tuple[np.ndarray, float]:
     """alpha = (K + s I)^-1 T for the first ``n`` training points, and log det(K + s I) for
     them (see :class:`~nngp_dist.solvers.factor.Factor`: any ``n`` up to the store's)."""
-    return Factor(chol, t, n).solve(tt[:n])
+    return Factor(chol, t, n, url).solve(tt[:n])
 
 
 @store_task
 def _solve_alpha(ctx: TaskContext, g: Any) -> dict:
     """Worker task: alpha = (K + s I)^-1 T from the factor; the LML's two data terms."""
-    tt = np.asarray(g[T_TRAIN][...], dtype=np.float64)
-    a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt)
+    tt = np.asarray(read_checked(g[T_TRAIN], url=ctx.url), dtype=np.float64)
+    if LAPLACE_SCALE in g:
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)[:, None]
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, scale * tt, ctx.url)
+        a *= scale
+        with np.errstate(divide="ignore"):
+            logdet -= 2.0 * float(np.log(scale).sum())  # +inf where a point has no precision
+    else:
+        a, logdet = leading_alpha(g[CHOL], ctx.t, ctx.n, tt, ctx.url)
     g[ALPHA][...] = a
     return {"quad": float((tt * a).sum()), "logdet": logdet}
 
@@ -114,12 +129,19 @@ def _predict_block(ctx: TaskContext, g: Any, m: int, block: int, b: int) -> Reco
     """Worker task: mean and variance of test block ``b``; returns how many were clamped."""
     rows = span(block, m, b)
     k_blocks = [
-        np.asarray(g[K_TEST_TRAIN][rows, ctx.span(j)], dtype=np.float64) for j in range(ctx.blocks)
+        np.asarray(read_checked(g[K_TEST_TRAIN], (rows, ctx.span(j)), url=ctx.url), np.float64)
+        for j in range(ctx.blocks)
     ]
-    alpha = np.asarray(g[ALPHA][...])
+    alpha = read_checked(g[ALPHA], url=ctx.url)
     mean = sum(k_blocks[j] @ alpha[ctx.span(j)] for j in range(ctx.blocks))
-    w = Factor(g[CHOL], ctx.t, ctx.n).forward([kb.T.copy() for kb in k_blocks])
-    var = np.asarray(g[K_TEST_DIAG][rows], dtype=np.float64) - sum((wi * wi).sum(0) for wi in w)
+    if LAPLACE_SCALE in g:
+        scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
+        cols = [scale[ctx.span(j), None] * k_blocks[j].T for j in range(ctx.blocks)]
+    else:
+        cols = [kb.T.copy() for kb in k_blocks]
+    w = Factor(g[CHOL], ctx.t, ctx.n, ctx.url).forward(cols)
+    diag = np.asarray(read_checked(g[K_TEST_DIAG], rows, url=ctx.url), np.float64)
+    var = diag - sum((wi * wi).sum(0) for wi in w)
     clamped = int((var < 0).sum())
     g[MEAN][rows] = mean
     g[VARIANCE][rows] = np.maximum(var, 0.0)
@@ -194,7 +216,7 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
     m, block = meta["n_test"], meta["predict_block"]
     cg_log = meta["solve"]["cg"]
     system = StoreSystem(store, client, meta["solve"]["noise_abs"], cg_log["preconditioner"])
-    alpha = store.read(ALPHA)
+    alpha = store.read(ALPHA, complete=True)
     done = ~np.isnan(store.read(record(PREDICT)))
     bar = progress_bar(len(done), int(done.sum()), progress, "predict (cg)")
     clamped, unconverged = 0, 0
@@ -202,10 +224,12 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
         for b in np.flatnonzero(~done):
             start = time.perf_counter()
             rows = span(block, m, int(b))
-            slab = np.asarray(store.array(K_TEST_TRAIN)[rows, :], dtype=np.float64)
+            slab = read_checked(store.array(K_TEST_TRAIN), (rows, slice(None)), url=store.url)
+            slab = np.asarray(slab, dtype=np.float64)
             z, log = system.solve(slab.T, tol=cg_log["tol"], maxiter=cg_log["maxiter"])
             unconverged += not log["converged"]
-            var = np.asarray(store.array(K_TEST_DIAG)[rows], dtype=np.float64) - (slab.T * z).sum(0)
+            diag = read_checked(store.array(K_TEST_DIAG), rows, url=store.url)
+            var = np.asarray(diag, dtype=np.float64) - (slab.T * z).sum(0)
             clamped += int((var < 0).sum())
             store.array(MEAN)[rows] = slab @ alpha
             store.array(VARIANCE)[rows] = np.maximum(var, 0.0)

@@ -22,7 +22,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from .errors import UserError
 from .layout import K_TRAIN_TRAIN, Y_TEST, Y_TRAIN
 from .predict import log_marginal_likelihood, targets
-from .storage import KernelStore
+from .storage import KernelStore, read_checked
 from .tiling import symmetric
 from .workers import TaskContext, store_task
 
@@ -42,7 +42,8 @@ def _columns(ctx: TaskContext, g: Any, n_fit: int) -> np.ndarray:
             r, c = ctx.span(i), ctx.span(j)
             if r.start >= n_fit:
                 continue
-            tile = np.asarray(arr[r, c], dtype=np.float64)
+            tile = read_checked(arr, (r, c), url=ctx.url, complete="upper" if i == j else True)
+            tile = np.asarray(tile, dtype=np.float64)
             if i == j:
                 tile = symmetric(tile)
             cf = slice(c.start, min(c.stop, n_fit))

@@ -22,18 +22,22 @@ Workers write only their own tiles' chunks; only the client writes attributes.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import collect_aiterator, sync
 
 from ._version import __version__
 from .datasets import Dataset
-from .errors import StoreMismatch, UserError
+from .errors import CorruptStore, StoreMismatch, UserError
 from .kernels import Spec
 from .layout import (
     ALPHA,
@@ -42,12 +46,15 @@ from .layout import (
     CHOL,
     CHOL_STEP,
     CHOL_WORK,
+    CREATING,
     DIMS,
     K_TEST_DIAG,
     K_TEST_TRAIN,
     K_TRAIN_DIAG,
     K_TRAIN_TRAIN,
     KERNEL_ARRAYS,
+    LAPLACE_SCALE,
+    LOCK,
     MEAN,
     PREDICT,
     RECORDS,
@@ -65,10 +72,12 @@ __all__ = [
     "KERNEL_ARRAYS",
     "LAYOUT_VERSION",
     "KernelStore",
+    "chunk_problem",
     "is_local",
     "local_path",
     "normalize_url",
     "open_store",
+    "read_checked",
     "solve_block",
     "utcnow",
     "writable",
@@ -77,9 +86,13 @@ __all__ = [
 LAYOUT_VERSION = 1
 # Identity of a store: a run may only add tiles to a store whose identity matches its own.
 IDENTITY = ("layout", "spec_hash", "fingerprint", "tile_size", "dtype")
+# Every chunk of every array ends in its CRC-32C (zarr v3's crc32c codec, the last bytes
+# codec), checked whenever it is read: a flipped or truncated chunk is an error that names it,
+# never data (about 12 GB/s, nothing beside a tile's kernel or a factor block).
+CHECKSUM = (Crc32cCodec(),)
 # Blosc-LZ4 with byte shuffle: 1.3x on float64 kernel tiles at 0.7 GB/s, faster than these
 # machines' disks; Zstd (zarr's default) compressed only 1.1x at 0.3 GB/s (docs/design.md).
-COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), *CHECKSUM)
 
 
 def utcnow() -> str:
@@ -120,16 +133,25 @@ def _open_group(url: str, mode: str) -> zarr.Group:
 class KernelStore:
     """A kernel store at ``url`` (a directory or any fsspec URL zarr accepts)."""
 
-    def __init__(self, url: str, group: zarr.Group):
+    def __init__(self, url: str, group: zarr.Group, *, trust_code: bool = False):
         self.url = url
         self._group = group
+        self.trust_code = trust_code
 
     # --- opening and creating -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> KernelStore:
-        """Open an existing store; :class:`UserError` if there is none at ``url``."""
+    def open(cls, url: str, mode: str = "r", *, trust_code: bool = False) -> KernelStore:
+        """Open an existing store; :class:`UserError` if there is none at ``url``.
+
+        Opening never imports anything. ``trust_code``: let :attr:`spec` import the Python
+        function a store's spec may name as its activation (``module:function``), which runs
+        that module's code; without it such a spec is only shown (``meta["spec"]``), and
+        :attr:`spec`, or computing with the store's own spec, is a :class:`UserError`.
+        """
         url = normalize_url(url)
+        if _creating(url):
+            raise _half_created(url)
         if is_local(url) and not (local_path(url) / "zarr.json").is_file():
             raise UserError(f"no kernel store at {url}; create one with 'nngp-dist kernel'")
         try:
@@ -140,11 +162,8 @@ class KernelStore:
         if meta is None:
             raise UserError(f"{url} is a Zarr group but not an nngp_dist kernel store")
         if meta.get("creating"):
-            raise UserError(
-                f"the store at {url} was never completely created (its job was stopped while "
-                "creating it); run the kernel command again to create it anew"
-            )
-        return cls(url, group)
+            raise _half_created(url)
+        return cls(url, group, trust_code=trust_code)
 
     @staticmethod
     def identity(spec: Spec, data: Dataset, tile_size: int, dtype: str) -> dict:
@@ -177,29 +196,9 @@ class KernelStore:
         identity, a path that is not a store, or a location that cannot be written.
         """
         url = normalize_url(url)
-        if is_local(url):
-            path = local_path(url)
-            if path.exists() and not path.is_dir():
-                raise UserError(f"{url} exists and is not a directory; choose another --store")
-            probe = path
-            while not probe.exists():
-                probe = probe.parent
-            if not probe.is_dir():
-                raise UserError(f"{probe} is a file, so {url} cannot be created under it")
-            if not writable(probe):
-                raise UserError(f"cannot write to {probe}; choose a writable --store location")
-            if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
-                raise UserError(
-                    f"{url} is a non-empty directory that is not a kernel store; refusing to "
-                    "write into it (choose another --store)"
-                )
-            exists = (path / "zarr.json").is_file()
-        else:
-            try:
-                _open_group(url, "r")
-                exists = True
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                exists = False
+        if _creating(url):
+            return "create"  # a creation that was stopped half-way: start it again
+        exists = cls.check_location(url)
         if not exists or overwrite:
             return "create"
         old = _open_group(url, "r").attrs.get("nngp_dist")
@@ -229,21 +228,59 @@ class KernelStore:
             )
         return "resume"
 
+    @staticmethod
+    def check_location(url: str) -> bool:
+        """Whether a Zarr group is at ``url``; :class:`UserError` if a store can be neither
+        created nor opened there (a file, a read-only or foreign folder). Writes nothing."""
+        url = normalize_url(url)
+        if is_local(url):
+            path = local_path(url)
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{url} exists and is not a directory; choose another --store")
+            probe = path
+            while not probe.exists():
+                probe = probe.parent
+            if not probe.is_dir():
+                raise UserError(f"{probe} is a file, so {url} cannot be created under it")
+            if not writable(probe):
+                raise UserError(f"cannot write to {probe}; choose a writable --store location")
+            ours = {LOCK, CREATING}  # our own files, never a sign of someone else's folder
+            entries = [p for p in path.iterdir() if p.name not in ours] if path.is_dir() else []
+            if entries and not (path / "zarr.json").is_file():
+                raise UserError(
+                    f"{url} is a non-empty directory that is not a kernel store; refusing to "
+                    "write into it (choose another --store)"
+                )
+            exists = (path / "zarr.json").is_file()
+        else:
+            try:
+                _open_group(url, "r")
+                exists = True
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                exists = False
+        return exists
+
     @classmethod
     def create(cls, url: str, meta: dict, data: Dataset, plan: TilePlan) -> KernelStore:
         """Create (or replace) the store: inputs, empty kernel arrays, completion records.
 
-        The identity is written first, marked ``creating``, and the mark removed last: a
-        creation stopped half-way is recognised and redone by the next run.
+        A marker file (:data:`~nngp_dist.layout.CREATING`) is written before anything else,
+        the old contents (but the lock) are deleted, the group is written with its identity
+        marked ``creating`` in one write, and the mark and the marker are removed last: a
+        creation stopped at any point is recognised (:meth:`check`) and redone by the next run.
         """
         url = normalize_url(url)
-        root = zarr.open_group(url, mode="w", zarr_format=3)
-        root.attrs["nngp_dist"] = {**meta, "creating": True}
+        _set_marker(url, True)
+        _clear(url)
+        root = zarr.open_group(
+            url, mode="a", zarr_format=3, attributes={"nngp_dist": {**meta, "creating": True}}
+        )
         t = plan.tile_size
         _create_inputs(root, data, (X_TRAIN, Y_TRAIN, X_TEST, Y_TEST), t)
         root.create_group(RECORDS)
         _create_kernel(root, plan, meta["dtype"], KERNEL_ARRAYS)
         root.attrs["nngp_dist"] = {**meta, "created": utcnow(), "stages": {}}
+        _set_marker(url, False)
         return cls(url, root)
 
     def replace_test(self, data: Dataset) -> None:
@@ -289,7 +326,8 @@ class KernelStore:
 
     @property
     def spec(self) -> Spec:
-        return Spec.from_dict(self.meta["spec"])
+        """The store's architecture (see :meth:`open` for a spec that names Python code)."""
+        return Spec.from_dict(self.meta["spec"], trust=self.trust_code)
 
     @property
     def plan(self) -> TilePlan:
@@ -374,9 +412,34 @@ class KernelStore:
         """The array ``name`` (a constant of :mod:`nngp_dist.layout`, or ``record(name)``)."""
         return self._group[name]
 
-    def read(self, name: str) -> np.ndarray:
-        """The whole array ``name``, in memory (for the small ones: inputs, labels, vectors)."""
-        return self._group[name][...]
+    def read(self, name: str, *, complete: bool = False) -> np.ndarray:
+        """The whole array ``name``, in memory (for the small ones: inputs, labels, vectors),
+        checked as :func:`read_checked` checks (``complete``: no NaN, no chunk missing)."""
+        return read_checked(self._group[name], url=self.url, complete=complete)
+
+    def array_names(self) -> list[str]:
+        """The paths of every array in the store (completion records included)."""
+        with warnings.catch_warnings():  # our lock and marker files are no arrays: not a concern
+            warnings.filterwarnings("ignore", "Object at .* is not recognized")
+            top = sorted(path for path, _ in self._group.arrays())
+        return top + sorted(f"{RECORDS}/{path}" for path, _ in self._group[RECORDS].arrays())
+
+    def chunks_present(self, name: str) -> set[tuple[int, ...]]:
+        """The coordinates of the chunks of ``name`` that exist in the store (a chunk never
+        written reads as the fill value)."""
+        arr = self._group[name]
+        prefix = f"{arr.path}/c/"
+        found = set()
+        for key in collect_aiterator(arr.store.list_prefix(prefix)):
+            parts = key[len(prefix) :].split("/")
+            if len(parts) == arr.ndim and all(p.isdigit() for p in parts):
+                found.add(tuple(int(p) for p in parts))  # not a .partial file of a write
+        return found
+
+    def delete_chunk(self, name: str, coords: tuple[int, ...]) -> None:
+        """Delete one chunk of ``name``: it then reads as the fill value (not done)."""
+        arr = self._group[name]
+        sync(arr.store.delete(_chunk_key(arr, coords)))
 
     def drop(self, *names: str) -> None:
         """Delete the arrays ``names`` that exist."""
@@ -387,7 +450,37 @@ class KernelStore:
     def mean_diag(self) -> float:
         """The mean of the training kernel's diagonal: the unit of the relative ``noise``
         (the absolute jitter on the diagonal is ``noise * mean_diag``)."""
-        return float(np.mean(self.read(K_TRAIN_DIAG)))
+        return float(np.mean(self.read(K_TRAIN_DIAG, complete=True)))
+
+    def noise_unit(self) -> float:
+        """What the solvers' relative noise is relative to: the mean training diagonal, or 1
+        for a store with a noise scale (:meth:`set_noise_scale`), whose factor is that of
+        ``S K S + noise I``."""
+        return 1.0 if self.has(LAPLACE_SCALE) else self.mean_diag()
+
+    def set_noise_scale(self, scale: np.ndarray) -> None:
+        """Per-point noise: from now on the factor is that of ``S K S + s I`` with ``S =
+        diag(scale)`` (``scale = sqrt(Lambda)``, the noise precision's square root), so that
+        ``(K + Lambda^-1)^-1 = S (S K S + I)^-1 S`` holds for any ``Lambda >= 0`` (Rasmussen and
+        Williams 2006, eq. 3.26). A factor and solution made with another scale are dropped."""
+        scale = np.asarray(scale, dtype=np.float64)
+        if self.has(LAPLACE_SCALE) and np.array_equal(self.read(LAPLACE_SCALE), scale):
+            return
+        self.drop_factor()
+        self.drop(T_TRAIN, ALPHA, MEAN, VARIANCE, record(PREDICT))
+        self.update_meta(factor=None, solve=None, predict=None)
+        n, t = self.meta["n_train"], solve_block(self.meta)
+        self._create(LAPLACE_SCALE, (n,), (t,), "float64", compress=False)
+        self._group[LAPLACE_SCALE][...] = scale
+
+    def prepare_laplace(self, outputs: int) -> None:
+        """The Laplace-GP posterior's ``mean`` and ``variance``, (M, C), and one prediction
+        record (the posterior is assembled from the output stores in one step)."""
+        m = self.meta["n_test"]
+        for name in (MEAN, VARIANCE):
+            self._create(name, (m, outputs), (max(m, 1), outputs), "float64", dims=DIMS[MEAN])
+        self._create(record(PREDICT), (1,), (1,), "float32", compress=False, dims=("test_block",))
+        self.update_meta(predict_block=max(m, 1), predict=None)
 
     def _create(
         self,
@@ -409,7 +502,7 @@ class KernelStore:
             fill_value=fill,
             dimension_names=dims or DIMS.get(name),
             overwrite=True,
-            **({} if compress else {"compressors": None}),
+            compressors=COMPRESSORS if compress else CHECKSUM,
         )
 
     # --- the solve stage's arrays ---------------------------------------------------------------
@@ -434,6 +527,21 @@ class KernelStore:
         records = ("train_tile", "train_col_tile")
         self._create(record(CHOL), (nt, nt), (1, 1), "float32", compress=False, dims=records)
         self._create(record(CHOL_STEP), (nt, nt), (1, 1), "int32", 0, compress=False, dims=records)
+
+    def reset_factor(self, first: int) -> None:
+        """Forget the factor from block row ``first`` on (its blocks and updates), so that the
+        next factorisation of the same noise recomputes those rows from the kernel and keeps
+        the rows above, which do not depend on them; the solution goes with it."""
+        meta, n = self.meta, self.meta["n_train"]
+        t = solve_block(meta)
+        done, steps = self._group[record(CHOL)], self._group[record(CHOL_STEP)]
+        done[first:, :] = np.nan  # whole chunks written: none of them is read first
+        steps[first:, :] = 0
+        for name in CHOL_WORK:  # deleted when the factor completed; the updates need them
+            if name not in self._group:
+                self._create(name, (n, n), (t, t), "float64", compress=False)
+        factor = meta.get("factor")
+        self.update_meta(factor=factor and {**factor, "complete": False}, solve=None, predict=None)
 
     def drop_factor(self, *, work_only: bool = False) -> None:
         """Delete the factor's work arrays, and unless ``work_only`` the factor and records."""
@@ -482,6 +590,70 @@ class KernelStore:
         stages[stage] = {**stages.get(stage, {}), **fields}
         meta["stages"] = stages
         self._group.attrs["nngp_dist"] = meta
+
+
+def _half_created(url: str) -> UserError:
+    return UserError(
+        f"the store at {url} was never completely created (its job was stopped while "
+        "creating it); run the kernel command again to create it anew"
+    )
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    """The fsspec file system of a non-local ``url``, and the store's path in it."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _creating(url: str) -> bool:
+    """Whether the creation marker is at ``url``: a creation begun and not finished."""
+    if is_local(url):
+        return (local_path(url) / CREATING).is_file()
+    try:
+        fs, root = _fs(url)
+        fs.invalidate_cache(root)
+        return bool(fs.exists(f"{root}/{CREATING}"))
+    except (ImportError, ValueError, OSError):
+        return False  # an unusable URL: reported by whoever opens it
+
+
+def _set_marker(url: str, present: bool) -> None:
+    """Write (``present``) or remove the creation marker at ``url``."""
+    if is_local(url):
+        path = local_path(url) / CREATING
+        if present:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(utcnow())
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, root = _fs(url)
+    if present:
+        fs.pipe_file(f"{root}/{CREATING}", utcnow().encode())
+    elif fs.exists(f"{root}/{CREATING}"):
+        fs.rm_file(f"{root}/{CREATING}")
+
+
+def _clear(url: str) -> None:
+    """Delete everything at ``url`` but the lock and the creation marker."""
+    keep = {LOCK, CREATING}
+    if is_local(url):
+        for entry in local_path(url).iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return
+    fs, root = _fs(url)
+    fs.invalidate_cache(root)
+    for entry in fs.ls(root, detail=False) if fs.exists(root) else []:
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
+    fs.invalidate_cache(root)
 
 
 def _chunks(shape: tuple[int, ...], chunk: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -533,7 +705,7 @@ def _create_kernel(root: zarr.Group, plan: TilePlan, dtype: str, names: tuple[st
             dtype="float32",
             fill_value=np.nan,
             dimension_names=tuple(f"{d}_tile" for d in DIMS[name]),
-            compressors=None,
+            compressors=CHECKSUM,
         )
 
 
@@ -562,6 +734,113 @@ def solve_block(meta: dict) -> int:
     return int(meta.get("solve_block") or meta["tile_size"])
 
 
+# Errors of a chunk that does not decode: a failed checksum (ValueError), a blosc stream cut
+# short or garbled (RuntimeError, from a store made before checksums), a chunk of the wrong
+# length ("cannot reshape", ValueError), an unreadable file (OSError).
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def _chunk_range(sel: Any, size: int, chunk: int) -> range:
+    if isinstance(sel, slice):
+        start, stop, _ = sel.indices(size)
+        return range(start // chunk, max(start, stop - 1) // chunk + 1)
+    return range(int(sel) // chunk, int(sel) // chunk + 1)
+
+
+def _chunks_of(arr: zarr.Array, selection: Any) -> list[tuple[int, ...]]:
+    """The chunk coordinates a basic selection (slices, integers, ``...``) reads."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if Ellipsis in sel:
+        k = sel.index(Ellipsis)
+        sel = sel[:k] + (slice(None),) * (arr.ndim - len(sel) + 1) + sel[k + 1 :]
+    sel = sel + (slice(None),) * (arr.ndim - len(sel))
+    ranges = [_chunk_range(x, n, c) for x, n, c in zip(sel, arr.shape, arr.chunks)]
+    return list(itertools.product(*ranges))
+
+
+def _store_url(arr: zarr.Array) -> str:
+    root = getattr(arr.store, "root", None)
+    return str(root) if root is not None else str(arr.store_path).removesuffix("/" + arr.path)
+
+
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+
+def _chunk_present(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
+    return bool(sync(arr.store.exists(_chunk_key(arr, coords))))
+
+
+def _corrupt(arr: zarr.Array, coords: tuple[int, ...], why: str, url: str | None) -> CorruptStore:
+    url = url or _store_url(arr)
+    tile = ", ".join(map(str, coords))
+    return CorruptStore(
+        f"{url}: array {arr.path}, tile ({tile}) (chunk {_chunk_key(arr, coords)}): {why}. "
+        "Nothing was computed from it. Run 'nngp-dist verify --store "
+        f"{url} --repair': it finds every bad chunk and forgets what was computed from them, "
+        "and says what to re-run to recompute just those."
+    )
+
+
+def chunk_problem(arr: zarr.Array, coords: tuple[int, ...], complete: bool | str) -> str | None:
+    """What is wrong with chunk ``coords`` of ``arr`` (None if nothing): it does not decode
+    (a failed checksum among them), or, with ``complete``, it reads NaN: missing or never
+    written, though recorded. ``complete="upper"`` asks only for the tiles on and above the
+    diagonal, and of the diagonal ones their upper triangle."""
+    try:
+        block = np.asarray(arr.get_block_selection(coords))
+    except _DECODE_ERRORS as e:
+        return f"it does not decode ({type(e).__name__}: {e})"
+    if not complete or block.dtype.kind != "f":
+        return None
+    if complete == "upper" and coords[0] > coords[-1]:
+        return None  # a lower tile: never written
+    upper = complete == "upper" and coords[0] == coords[-1]
+    if not np.isnan(np.triu(block) if upper else block).any():
+        return None
+    if not _chunk_present(arr, coords):
+        return "it is missing, though its completion record says it was written"
+    return "it holds NaN, though its completion record says it was written"
+
+
+def _bad_chunk(
+    arr: zarr.Array, selection: Any, complete: bool | str
+) -> tuple[tuple[int, ...], str] | None:
+    """The first bad chunk of ``selection`` and why (after a read of it failed or found NaN)."""
+    for coords in _chunks_of(arr, selection):
+        why = chunk_problem(arr, coords, complete)
+        if why:
+            return coords, why
+    return None
+
+
+def read_checked(
+    arr: Any, selection: Any = Ellipsis, *, url: str | None = None, complete: bool | str = True
+) -> np.ndarray:
+    """``arr[selection]`` as a NumPy array, every chunk's checksum verified on the way (zarr
+    does it); :class:`~nngp_dist.errors.CorruptStore` naming the array and the tile if a chunk
+    does not decode, or, with ``complete``, if the values read hold NaN (the fill value: a
+    chunk deleted, or never written though recorded). ``complete="upper"``: only the upper
+    triangle of the diagonal blocks must be written (the train kernel's diagonal tiles of a
+    solver block that spans several). Arrays other than zarr's are read as they are."""
+    if not isinstance(arr, zarr.Array):
+        return np.asarray(arr[selection])
+    try:
+        out = np.asarray(arr[selection])
+    except _DECODE_ERRORS:
+        bad = _bad_chunk(arr, selection, complete)
+        if bad is None:
+            raise  # not a chunk's fault
+        raise _corrupt(arr, *bad, url) from None
+    if complete and out.dtype.kind == "f":
+        check = np.triu(out) if complete == "upper" and out.ndim == 2 else out
+        if np.isnan(check).any():
+            bad = _bad_chunk(arr, selection, complete)
+            coords, why = bad or (_chunks_of(arr, selection)[0], "it reads NaN")
+            raise _corrupt(arr, coords, why, url)
+    return out
+
+
 def open_store(path: str) -> Any:
     """Open a kernel store as an ``xarray.Dataset``, the train x train kernel made symmetric.
 
@@ -580,7 +859,9 @@ def open_store(path: str) -> Any:
     import xarray as xr
 
     store = KernelStore.open(path)  # a clear error if this is not a store
-    ds = xr.open_zarr(store.url, consolidated=False)
+    with warnings.catch_warnings():  # the lock of a job writing it is no array: not a concern
+        warnings.filterwarnings("ignore", f"Object at {LOCK} is not recognized")
+        ds = xr.open_zarr(store.url, consolidated=False)
     k = store.array(K_TRAIN_TRAIN)
     t = store.meta["tile_size"]
     chunks = tuple(tuple(min(t, n - s) for s in range(0, n, t)) for n in k.shape)

@@ -19,7 +19,8 @@ never read.
 Results are written to ``OUT/sweep.csv`` (one row per depth, w_var, b_var and noise) and
 ``OUT/sweep.json`` (settings, the table and the best row); each finished grid point is appended
 to ``OUT/sweep-points.jsonl`` as it arrives, so a killed sweep re-run with the same settings
-redoes only the grid points that were in flight.
+redoes only the grid points that were in flight. One sweep writes a folder at a time: it
+holds the folder's lock (:mod:`nngp_dist.lock`), and a second is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .cluster import with_client
 from .compute import probe
 from .errors import UserError
 from .kernels import Spec, input_state
+from .lock import store_lock
 from .predict import targets
 from .progress import progress_bar
 from .select import noisy_solve
@@ -202,28 +204,21 @@ def sweep(
     settings = _settings(ds.name, split, depths, activation_spec, kernel, noises, standardize)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     os.makedirs(out, exist_ok=True)
-    done = _read_points(os.path.join(out, POINTS_FILE), key)
-    todo = [wb for wb in specs if wb not in done]
-    t0 = time.perf_counter()
-    points = _Points(
-        out,
-        key,
-        split,
-        {"activation": activation, "kernel": kernel},
-        depths,
-        noises,
-        len(specs),
-        progress,
-    )
-    scheduler = None if scheduler == "synchronous" else scheduler
-    if todo:
-        with_client(
-            lambda c: points.compute(c, todo, done), client, scheduler, workers, memory_limit
-        )
-    rows = [r for wb in specs for r in done[wb]]
-    best, metric = _best(rows, select_by)
-    hd = best["depth"] if heatmap_depth is None else heatmap_depth
-    files = _write(out, settings, rows, best, select_by, metric, hd, weight_vars, bias_vars)
+    with store_lock(out, "sweep"):  # one sweep per folder: its points file and its tables
+        done = _read_points(os.path.join(out, POINTS_FILE), key)
+        todo = [wb for wb in specs if wb not in done]
+        t0 = time.perf_counter()
+        network = {"activation": activation, "kernel": kernel}
+        points = _Points(out, key, split, network, depths, noises, len(specs), progress)
+        scheduler = None if scheduler == "synchronous" else scheduler
+        if todo:
+            with_client(
+                lambda c: points.compute(c, todo, done), client, scheduler, workers, memory_limit
+            )
+        rows = [r for wb in specs for r in done[wb]]
+        best, metric = _best(rows, select_by)
+        hd = best["depth"] if heatmap_depth is None else heatmap_depth
+        files = _write(out, settings, rows, best, select_by, metric, hd, weight_vars, bias_vars)
     # worker seconds summed over grid points: the kernel recursions (fitted and validation
     # points, every depth) and the factorisations and predictions
     task_seconds = {
@@ -470,5 +465,5 @@ def _write(
         )
     os.replace(json_path + ".tmp", json_path)
     png = os.path.join(out, f"sweep-depth{depth}.png")
-    sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png)
+    sweep_heatmap(rows, depth, metric, weight_vars, bias_vars, png, settings=settings)
     return {"csv": csv_path, "json": json_path, "heatmap": png}

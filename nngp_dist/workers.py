@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import logging
 import math
 import mmap
 import os
@@ -341,12 +342,30 @@ def warm() -> None:
     fused.warm()
 
 
+# Task errors the client reports itself, with their remedy: the worker's own "Compute Failed"
+# log of them (a traceback on the user's terminal for an embedded cluster) says nothing more.
+HANDLED_ERRORS = ("CorruptStore(", "NotPositiveDefinite(")
+
+
+class _HandledErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Compute Failed") or not record.args:
+            return True
+        text = str(record.args[3]) if len(record.args) > 3 else ""
+        return not any(text.startswith(name) for name in HANDLED_ERRORS)
+
+
 class Warmup(WorkerPlugin):
     """Runs :func:`warm` in a background thread on every worker, as it joins: the loading then
     overlaps the client's own preparation (reading the dataset, writing the store) instead of
-    delaying each worker's first tile. A tile that starts sooner waits on the import lock."""
+    delaying each worker's first tile. A tile that starts sooner waits on the import lock.
+    It also keeps the worker from logging the task errors the client reports
+    (:data:`HANDLED_ERRORS`)."""
 
     name = "nngp-dist-warmup"
 
     def setup(self, worker: object) -> None:
+        log = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _HandledErrors) for f in log.filters):
+            log.addFilter(_HandledErrors())
         threading.Thread(target=warm, name=self.name, daemon=True).start()

@@ -4,6 +4,7 @@ cancel and resume, a worker killed mid-job, a scheduler restart, TLS."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,68 @@ def test_cancel_then_resubmit_resumes(tmp_path, dask_processes):
     if frozen[0] == "kernel":  # cancelled in the kernel stage: only the rest was computed
         assert st["stages"]["kernel"]["tiles"] == st["tiles_total"] - frozen[1]
     check_kernel(store)
+
+
+def test_a_killed_driver_shows_failed_and_a_resubmission_runs(tmp_path, dask_processes):
+    """A driver SIGKILLed (no chance to report) is found dead from its worker's side: status
+    says failed, a new submission is accepted (taking over the dead driver's store lock) and
+    finishes the job; cancel then has nothing to stop."""
+    address = dask_processes.start(2)
+    store = str(tmp_path / "k.zarr")
+    job = [*RUN, "--train-size", "2000", "--test-size", "500", "--tile-size", "100"]
+    submit_and_wait_for_ten_tiles(address, store, job, dask_processes)
+    info = detached.job_info(store, scheduler=address)
+    assert info["state"] == "running" and info["pid_started"] is not None
+    os.kill(info["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: detached.job_info(store, scheduler=address)["state"] == "failed",
+        30,
+        "the dead driver to show as failed",
+        dask_processes,
+    )
+    dead = detached.job_info(store, scheduler=address)
+    assert dead["job"] == info["job"] and "died" in dead["error"]
+    shown = cli("status", "--store", store, "--scheduler", address)
+    assert f"job:     {info['job']} failed" in shown.stdout, shown.stdout
+    out = cli("cancel", "--store", store, "--scheduler", address)
+    assert out.returncode == 2 and "died" in out.stderr
+    out = cli("submit", "--detach", "--scheduler", address, "--store", store, *job)
+    assert out.returncode == 0, out.stderr
+    wait_for(
+        lambda: (status(store) or {}).get("stage") == "done", 240, "the new job", dask_processes
+    )
+    assert detached.job_info(store, scheduler=address)["state"] == "done"
+    assert "taking over the lock" in open(store + ".job.log").read()
+    check_kernel(store)
+
+
+def test_cancel_signals_only_the_driver_it_started():
+    """A recorded pid whose process is another one now (another start time, or not the job's
+    command line) is never signalled; the driver itself is."""
+    from nngp_dist.lock import process_start
+
+    job = "job-0123456789ab"
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", job], start_new_session=True
+    )
+    try:
+        import psutil
+
+        for _ in range(100):  # a loaded machine may take a while to exec it
+            if job in psutil.Process(sleeper.pid).cmdline():
+                break
+            time.sleep(0.1)
+        started = process_start(sleeper.pid)
+        for pid_started, name in ((started + 100, job), (started, "job-another")):
+            assert detached._stop(sleeper.pid, 1.0, pid_started, name).startswith("not running")
+            assert sleeper.poll() is None  # not signalled
+        proc = psutil.Process(sleeper.pid)
+        debug = (started, process_start(sleeper.pid), proc.cmdline(), proc.status())
+        assert detached._stop(sleeper.pid, 5.0, started, job) in ("stopped", "killed"), debug
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
 
 
 def check_kernel(store):

@@ -135,6 +135,10 @@ LAYERS = (
         "nngp_dist.figures",
         "nngp_dist.detached",
         "nngp_dist.estimator",
+        "nngp_dist.laplace",
+        "nngp_dist.laplace_estimator",
+        "nngp_dist.trained_figures",
+        "nngp_dist.verify",
     ),
     (
         "nngp_dist.compute",
@@ -144,7 +148,7 @@ LAYERS = (
         "nngp_dist.cluster",
     ),
     ("nngp_dist.workers", "nngp_dist.options", "nngp_dist.progress"),
-    ("nngp_dist.storage",),
+    ("nngp_dist.storage", "nngp_dist.lock"),
     (
         "nngp_dist.layout",
         "nngp_dist.tiling",
@@ -153,6 +157,7 @@ LAYERS = (
         "nngp_dist.backend",
         "nngp_dist.config",
         "nngp_dist.errors",
+        "nngp_dist.likelihoods",
         "nngp_dist._version",
     ),
 )

@@ -1,5 +1,8 @@
-"""The notebooks in notebooks/ run top to bottom on a fresh store without an error."""
+"""The notebooks in notebooks/ are saved with their outputs, stay small, and run top to bottom on
+a fresh store without an error (executed in memory: the committed files are never rewritten;
+``python notebooks/execute.py`` refreshes their outputs)."""
 
+import hashlib
 from pathlib import Path
 
 import nbformat
@@ -7,18 +10,33 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+MAX_BYTES = 300_000  # as notebooks/execute.py checks
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"inspect_store.ipynb", "uncertainty.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {
+        "estimator_sweep_cluster.ipynb",
+        "inspect_store.ipynb",
+        "trained_network.ipynb",
+        "uncertainty.ipynb",
+    }
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_saved_with_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "run it with python notebooks/execute.py"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure saved"
+    assert not any(o.output_type == "error" for o in outputs)
+    assert path.stat().st_size <= MAX_BYTES, f"{path.name}: make its figures smaller"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
     nb = nbformat.read(path, as_version=4)
-    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
-        "store notebooks without outputs"
-    )
     # The kernel inherits this environment. The notebooks start their own one-worker cluster,
     # which a configured scheduler address would override; their temporary stores go under
     # tmp_path, and they run in an empty working directory, which they must leave empty.
@@ -33,5 +51,6 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     )
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
     assert not list(cwd.iterdir()), "a notebook wrote into its working directory"
-    stores = list((tmp_path / "tmp").glob("nngp-*/*.zarr"))
-    assert not stores, f"a notebook left its temporary store behind: {stores}"
+    leftovers = list((tmp_path / "tmp").glob("nngp-*/*"))
+    assert not leftovers, f"a notebook left its temporary files behind: {leftovers}"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the notebook was rewritten"

@@ -2,6 +2,7 @@
 written by worker processes through s3fs, exactly as on AWS S3 or MinIO."""
 
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -30,9 +31,11 @@ def s3(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("kernels")
+    # moto keeps its buckets for the whole process, whatever server: one bucket per test
+    bucket = f"kernels-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
     try:
-        yield "s3://kernels"
+        yield f"s3://{bucket}"
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
@@ -60,3 +63,29 @@ def test_whole_job_on_an_s3_store(s3):
     assert again["tiles_computed"] == 0 and again["action"] == "resume"
     with pytest.raises(UserError, match="different run"):
         jobs.kernel(store, workers=1, progress=False, **{**small, "depth": 3})
+
+
+def test_the_lock_on_an_s3_store(s3):
+    """The lease is created exclusively (a conditional PUT, or a check and a read-back), refused
+    while its holder is live, and taken over once its heartbeat is a minute old."""
+    import json
+    import time
+
+    from nngp_dist import lock
+
+    store = f"{s3}/locked.zarr"
+    with lock.store_lock(store, "run", heartbeat=0.2) as lease:
+        first = lock.holder(store)
+        assert first["owner"] == lease["owner"]
+        with pytest.raises(UserError, match="in use by another nngp-dist job: 'run'"):
+            lock._acquire(store, "kernel")  # another process's attempt, as it would see it
+        time.sleep(1.0)
+        assert lock.holder(store)["heartbeat"] > first["heartbeat"]
+    assert lock.holder(store) is None
+    place = lock._Objects(store)
+    old = {**first, "owner": "gone", "host": "elsewhere", "heartbeat": time.time() - 120}
+    assert place.create(json.dumps(old).encode())
+    assert not lock._Objects(store).create(b"{}")  # exclusive
+    with lock.store_lock(store, "kernel") as lease:  # stale: taken over
+        assert lock.holder(store)["owner"] == lease["owner"] != "gone"
+    assert lock.holder(store) is None

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import nngp_dist
 from nngp_dist import UserError, datasets, jobs
 from nngp_dist.cli import main
-from nngp_dist.figures import figures, learning_curve
+from nngp_dist.figures import binomial_se, figures, learning_curve, store_caption, ties
 from nngp_dist.kernels import Spec
 from nngp_dist.predict import targets
 from nngp_dist.storage import KernelStore
@@ -170,7 +170,7 @@ def test_learning_curve_against_scipy(finished_store):
         assert r["mse"] == pytest.approx(float(((mean - targets(yt, c)) ** 2).mean()), rel=1e-8)
 
 
-def test_figures_write_pngs(tmp_path, finished_store):
+def test_figures_write_every_png(tmp_path, finished_store):
     import matplotlib.image as mpimg
 
     sw = sweep(
@@ -182,11 +182,80 @@ def test_figures_write_pngs(tmp_path, finished_store):
         scheduler="synchronous",
         **GRID,
     )
-    r = figures(str(finished_store), str(tmp_path / "png"), sweep=sw["files"]["json"], sample=90)
-    assert set(r["files"]) == {"calibration", "kernel", "learning_curve", "sweep"}
-    for path in r["files"].values():
-        img = mpimg.imread(path)
+    out = tmp_path / "png"
+    res = CliRunner().invoke(
+        main,
+        ["figures", "--store", str(finished_store), "--out", str(out), "--sample", "90"]
+        + ["--sweep", sw["files"]["json"], "--sizes", "100,300", "--bins", "6"],
+    )
+    assert res.exit_code == 0, res.output
+    best = sw["best"]["depth"]
+    names = {"calibration.png", "kernel.png", "learning-curve.png", f"sweep-depth{best}.png"}
+    assert {p.name for p in out.iterdir()} == names | {"learning-curve.json"}
+    for name in names:
+        img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0  # a real picture
+    assert "calibration (predicted variance, realised mse, realised / predicted)" in res.output
+    assert len(json.loads((out / "learning-curve.json").read_text())) == 2
+
+
+def test_calibration_uses_the_fitted_output_scale(tmp_path, finished_store):
+    """The calibration bins against a direct GP: the kernel of the spec, a dense solve, the
+    maximum-likelihood scale tr(T' (K + s I)^-1 T) / (N C), and s2 (k** - k*' (K + s I)^-1 k* + s)
+    as the targets' predictive variance; realised error from the direct posterior mean."""
+    r = figures(str(finished_store), str(tmp_path / "png"), sample=40, sizes=[300], bins=4)
+    ds = datasets.load("demo", train_size=300, test_size=120).flattened()
+    spec = Spec(depth=2, weight_var=1.6, bias_var=0.2)
+    k = spec.cross(ds.x_train, ds.x_train)
+    noise = 1e-2 * np.mean(np.diag(k))
+    t = targets(ds.y_train, 10)
+    kt = spec.cross(ds.x_test, ds.x_train)
+    c = sl.cho_factor(k + noise * np.eye(len(k)))
+    s2 = float((t * sl.cho_solve(c, t)).sum() / t.size)
+    var = s2 * (np.diag(spec.cross(ds.x_test, ds.x_test)) - (kt * sl.cho_solve(c, kt.T).T).sum(1))
+    var += s2 * noise
+    sq = ((kt @ sl.cho_solve(c, t) - targets(ds.y_test, 10)) ** 2).mean(1)
+    order = np.argsort(var)
+    bins = np.array_split(order, 4)
+    cal = r["calibration"]
+    assert [b["count"] for b in cal] == [len(i) for i in bins]
+    for b, idx in zip(cal, bins, strict=True):
+        assert b["mean_variance"] == pytest.approx(var[idx].mean(), rel=1e-6)
+        assert b["mse"] == pytest.approx(sq[idx].mean(), rel=1e-6)
+        assert b["ratio"] == pytest.approx(sq[idx].mean() / var[idx].mean(), rel=1e-6)
+
+
+def test_learning_curve_standard_errors(finished_store):
+    rows = learning_curve(KernelStore.open(str(finished_store)), [300])
+    (r,) = rows
+    m = 120
+    assert r["accuracy_se"] == pytest.approx(np.sqrt(r["accuracy"] * (1 - r["accuracy"]) / m))
+    assert 0 < r["mse_se"] < r["mse"]
+
+
+def test_ties_against_a_hand_made_grid():
+    # best 0.85 on 10,000 points: standard error sqrt(0.85 * 0.15 / 1e4) = 0.0035707
+    grid = np.array([[0.80, 0.8465, np.nan], [0.846, 0.85, 0.8480]])
+    assert binomial_se(0.85, 10_000) == pytest.approx(0.0035707, abs=1e-7)
+    expect = np.array([[False, True, False], [False, True, True]])
+    np.testing.assert_array_equal(ties(grid, 10_000), expect)
+    # on 100 points the standard error is 0.0357: all but 0.80 (below 0.8143) and the empty cell
+    expect = np.array([[False, True, False], [True, True, True]])
+    np.testing.assert_array_equal(ties(grid, 100), expect)
+
+
+def test_captions_and_class_names(finished_store):
+    caption = store_caption(KernelStore.open(str(finished_store)).meta)
+    for part in ("demo", "N = 300 train / 120 test", "fc depth 2 relu NNGP", "1.6", "0.2"):
+        assert part in caption
+    assert "relative noise 0.01" in caption
+    assert datasets.class_names("fashion-mnist", [0, 9, 6]) == [
+        "T-shirt/top",
+        "Ankle boot",
+        "Shirt",
+    ]
+    assert datasets.class_names("demo", [1]) == ["Trouser"]
+    assert datasets.class_names("npz:x.npz", [3]) == ["class 3"]
 
 
 def test_figures_refuse_unfinished_store(tmp_path, client):

@@ -14,6 +14,7 @@ networks).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from .conv import ConvGeometry
 from .nonlinearities import Nonlinearity
 from .program import Activation, Conv, Dense, Op, Program, Readout, Residual
 
-__all__ = ["BUILDERS", "build", "convnet", "fc", "resnet32"]
+__all__ = ["BUILDERS", "TrainedNetwork", "build", "convnet", "fc", "resnet32"]
 
 
 def fc(depth: int, weight_var: float, bias_var: float, phi: Nonlinearity) -> Program:
@@ -126,11 +127,26 @@ def _resnet32(spec: Any) -> Program:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedNetwork:
+    """The one op of a trained network's program: its empirical NTK has no layer-wise
+    recursion over a kernel state, so :class:`~.spec.Spec` evaluates it from the raw inputs
+    (:mod:`.trained`); no compiled loop lowers it."""
+
+    def layer(self) -> Any:
+        raise ValueError("a trained network's kernel is evaluated by kernels.trained")
+
+
+def _trained(spec: Any) -> Program:
+    return Program((TrainedNetwork(),), {0: 1})  # type: ignore[arg-type]
+
+
 # arch -> the program of a spec of that architecture (a validated :class:`~.spec.Spec`).
 BUILDERS: dict[str, Callable[[Any], Program]] = {
     "fc": _fc,
     "conv": _convnet,
     "resnet32": _resnet32,
+    "trained": _trained,
 }
 
 

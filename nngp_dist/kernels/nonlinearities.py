@@ -395,6 +395,18 @@ def from_spec(spec: dict | str) -> Nonlinearity:
         raise ValueError(f"bad parameters for activation {name!r}: {spec} ({e})") from None
 
 
+def imported_function(spec: Any) -> str | None:
+    """The ``module:function`` an activation spec (a canonical dict or a CLI string) would
+    import to be built, or None for the built-in activations."""
+    if isinstance(spec, Nonlinearity):
+        spec = spec.spec
+    if isinstance(spec, str):
+        spec = _parse(spec)
+    if isinstance(spec, dict) and spec.get("name") == "custom":
+        return str(spec.get("function"))
+    return None
+
+
 def _no_extra(name: str, rest: dict) -> None:
     if rest:
         raise ValueError(f"unexpected parameters for activation {name!r}: {sorted(rest)}")

@@ -15,7 +15,8 @@ import math
 from typing import Any
 
 from .. import backend
-from . import architectures, fused, nonlinearities
+from ..errors import UserError
+from . import architectures, fused, nonlinearities, trained
 from .conv import ConvGeometry, conv_diagonal_state, conv_input_state, pixels_per_pair
 from .layers import Layer, diagonal_state, input_state
 from .program import Program
@@ -23,7 +24,7 @@ from .state import KernelState
 
 __all__ = ["ARCHITECTURES", "KERNELS", "READOUTS", "Spec"]
 
-ARCHITECTURES = tuple(architectures.BUILDERS)  # ("fc", "conv", "resnet32")
+ARCHITECTURES = tuple(architectures.BUILDERS)  # ("fc", "conv", "resnet32", "trained")
 KERNELS = ("nngp", "ntk")
 READOUTS = ("flatten", "gap")
 
@@ -66,6 +67,14 @@ class Spec:
     are flattened images. Each architecture's layers are written once, in
     :mod:`.architectures`, as the program (:attr:`program`) every evaluation path reads.
 
+    ``arch="trained"``: the empirical NTK of a trained PyTorch network divided by
+    ``prior_precision`` (:mod:`.trained`): ``model`` a ``torch.export`` ``.pt2`` archive or a
+    factory ``"module:function"`` (imported only with ``trust=True``), ``weights`` an optional
+    ``state_dict`` file, ``output`` "trace" (the sum of the per-output kernels) or the index of
+    the one output stored, ``input_shape`` the shape each input row is reshaped to.
+    ``model_sha256`` and ``weights_sha256`` are filled in from the files; the other fields do
+    not apply. ``trust`` is not part of the canonical dict or the hash.
+
     Examples
     --------
     >>> import numpy as np
@@ -92,8 +101,21 @@ class Spec:
     skip_every: int = 0
     readout: str = "flatten"
     image_shape: Any = None
+    model: str | None = None
+    weights: str | None = None
+    prior_precision: float = 1.0
+    output: Any = "trace"
+    input_shape: Any = None
+    model_sha256: str | None = None
+    weights_sha256: str | None = None
+    trust: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.arch == "trained":
+            for name, value in trained.check_fields(self).items():
+                object.__setattr__(self, name, value)
+        elif self.model is not None or self.weights is not None:
+            raise ValueError(f"model and weights are for arch='trained', not {self.arch!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(
                 f"unknown architecture {self.arch!r}; this version supports: "
@@ -115,7 +137,7 @@ class Spec:
         if not isinstance(phi, nonlinearities.Nonlinearity):
             phi = nonlinearities.from_spec(phi)
         object.__setattr__(self, "activation", phi)
-        if self.arch != "fc":
+        if self.is_image:
             ConvGeometry(self.filter_size, self.stride, self.dilation, self.padding)  # checks
             for name in ("filter_size", "stride", "dilation"):
                 object.__setattr__(self, name, int(getattr(self, name)))
@@ -140,6 +162,8 @@ class Spec:
 
     def to_dict(self) -> dict:
         """The canonical, JSON-able description (what stores record)."""
+        if self.arch == "trained":
+            return trained.spec_dict(self)
         d = {
             "arch": self.arch,
             "depth": self.depth,
@@ -167,22 +191,39 @@ class Spec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, d: dict) -> Spec:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d: dict, *, trust: bool = False) -> Spec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        Code never comes from a store: without ``trust`` nothing is imported or unpickled. A
+        dict whose activation is a Python function (``module:function``) is refused with a
+        :class:`~nngp_dist.errors.UserError`, since building it imports that module, which runs
+        its code, and a dict read from a store is only as trustworthy as whoever wrote the
+        store; a trained network's model factory is imported only when the spec is evaluated,
+        and evaluating it is refused likewise (:mod:`.trained`, Safety).
+        """
+        fields = {f.name for f in dataclasses.fields(cls)} - {"trust"}
         extra = set(d) - fields
         if extra:
             raise ValueError(f"unknown spec keys: {sorted(extra)}")
-        return cls(**d)
+        target = nonlinearities.imported_function(d.get("activation"))
+        if target and not trust:
+            raise UserError(
+                f"this spec's activation is the Python function {target!r}: building it would "
+                f"import {target.partition(':')[0]!r}, which runs that module's code, and a "
+                "spec read from a store is only as trustworthy as the store. Pass trust=True "
+                "to Spec.from_dict (trust_code=True to KernelStore.open) only for a store you "
+                "trust, or build the Spec yourself."
+            )
+        return cls(**d, trust=trust)
 
     @classmethod
-    def from_json(cls, text: str) -> Spec:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, *, trust: bool = False) -> Spec:
+        """Inverse of :meth:`to_json` (``trust`` as in :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(text), trust=trust)
 
     @property
     def is_image(self) -> bool:
-        return self.arch != "fc"
+        return self.arch not in ("fc", "trained")
 
     def with_image_shape(self, shape: tuple[int, ...]) -> Spec:
         """This spec for images of ``shape`` ((H, W) or (H, W, C)); dense nets ignore it."""
@@ -227,6 +268,10 @@ class Spec:
         inputs' namespace (NumPy or CuPy) and in float64. Image networks take each row as a
         flattened image of ``image_shape``.
         """
+        if self.arch == "trained":
+            if depths is not None:
+                raise ValueError("a trained network's kernel has no depths")
+            return trained.cross(self, x1, x2)
         xp = backend.namespace(x1, x2)
         same = x2 is x1  # a set with itself: half the work (see input_state)
         x1 = _as_2d(xp, x1)
@@ -262,7 +307,7 @@ class Spec:
         that differ only in depth, variances, activation or kernel can share one (a sweep does).
         Dense networks only: an image network's per-pixel covariances are too large to share.
         """
-        if self.is_image:
+        if self.arch != "fc":
             raise ValueError("cross_from is for fully connected networks; use cross")
         xp = backend.namespace(inputs.nngp)
         slots = self.program.slots(depths)
@@ -296,6 +341,10 @@ class Spec:
 
     def diag(self, x: Any, *, depths: list[int] | None = None) -> Any:
         """``k(x, x)`` for each row of ``x``: shape (n,), or (len(depths), n) with ``depths``."""
+        if self.arch == "trained":
+            if depths is not None:
+                raise ValueError("a trained network's kernel has no depths")
+            return trained.diag(self, x)
         xp = backend.namespace(x)
         x = _as_2d(xp, x)
         program = self.program

@@ -31,7 +31,7 @@ from distributed import as_completed
 from scipy.linalg import cho_factor, cho_solve, cholesky
 
 from ..layout import CG_BLOCKJACOBI, CG_NYSTROM, K_TRAIN_TRAIN
-from ..storage import KernelStore
+from ..storage import KernelStore, read_checked
 from ..tiling import symmetric
 from ..workers import TaskContext, store_task
 from .tiles import add_jitter
@@ -108,6 +108,12 @@ def pcg(
 # --- the operator and preconditioner on the store (tasks on workers) ---------------------------
 
 
+def _tile(ctx: TaskContext, k: Any, rows: slice, cols: slice, diagonal: bool) -> np.ndarray:
+    """A block of the stored kernel as float64, checked (a diagonal one: its upper half)."""
+    tile = read_checked(k, (rows, cols), url=ctx.url, complete="upper" if diagonal else True)
+    return np.asarray(tile, dtype=np.float64)
+
+
 @store_task
 def _row_product(ctx: TaskContext, g: Any, i: int, v: np.ndarray, jitter: float) -> dict:
     """Block row i's share of (K + s I) v: {block j: partial product}."""
@@ -116,7 +122,7 @@ def _row_product(ctx: TaskContext, g: Any, i: int, v: np.ndarray, jitter: float)
     out = {i: jitter * v[rows]}
     for j in range(i, ctx.blocks):
         cols = ctx.span(j)
-        tile = np.asarray(k[rows, cols], dtype=np.float64)
+        tile = _tile(ctx, k, rows, cols, i == j)
         if i == j:
             out[i] += symmetric(tile) @ v[rows]
         else:
@@ -128,14 +134,14 @@ def _row_product(ctx: TaskContext, g: Any, i: int, v: np.ndarray, jitter: float)
 @store_task
 def _bj_factor(ctx: TaskContext, g: Any, i: int, jitter: float) -> None:
     rows = ctx.span(i)
-    a = add_jitter(symmetric(np.asarray(g[K_TRAIN_TRAIN][rows, rows], dtype=np.float64)), jitter)
+    a = add_jitter(symmetric(_tile(ctx, g[K_TRAIN_TRAIN], rows, rows, True)), jitter)
     g[CG_BLOCKJACOBI][rows, : rows.stop - rows.start] = cholesky(a, lower=True)
 
 
 @store_task
 def _bj_apply(ctx: TaskContext, g: Any, i: int, r: np.ndarray) -> np.ndarray:
     rows = ctx.span(i)
-    low = np.asarray(g[CG_BLOCKJACOBI][rows, : rows.stop - rows.start])
+    low = read_checked(g[CG_BLOCKJACOBI], (rows, slice(0, rows.stop - rows.start)), url=ctx.url)
     return cho_solve((low, True), r, check_finite=False)
 
 
@@ -178,7 +184,7 @@ def block_jacobi(store: KernelStore, client: Any, jitter: float) -> Operator:
 def _ny_columns(ctx: TaskContext, g: Any, i: int) -> np.ndarray:
     """Worker task: C_i = K[block i, landmarks] (the landmarks are block 0), kept in the store;
     returns C_i^T C_i."""
-    tile = np.asarray(g[K_TRAIN_TRAIN][ctx.span(0), ctx.span(i)], dtype=np.float64)
+    tile = _tile(ctx, g[K_TRAIN_TRAIN], ctx.span(0), ctx.span(i), i == 0)
     c_i = symmetric(tile) if i == 0 else tile.T
     g[CG_NYSTROM][ctx.span(i), :] = c_i
     return c_i.T @ c_i
@@ -186,12 +192,12 @@ def _ny_columns(ctx: TaskContext, g: Any, i: int) -> np.ndarray:
 
 @store_task
 def _ny_project(ctx: TaskContext, g: Any, i: int, r_i: np.ndarray) -> np.ndarray:
-    return np.asarray(g[CG_NYSTROM][ctx.span(i), :]).T @ r_i
+    return read_checked(g[CG_NYSTROM], (ctx.span(i), slice(None)), url=ctx.url).T @ r_i
 
 
 @store_task
 def _ny_expand(ctx: TaskContext, g: Any, i: int, y: np.ndarray) -> np.ndarray:
-    return np.asarray(g[CG_NYSTROM][ctx.span(i), :]) @ y
+    return read_checked(g[CG_NYSTROM], (ctx.span(i), slice(None)), url=ctx.url) @ y
 
 
 def nystrom(store: KernelStore, client: Any, jitter: float) -> Operator:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from distributed import as_completed, wait
 
-from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, record
+from ..layout import CHOL, CHOL_STEP, CHOL_WORK, K_TRAIN_TRAIN, LAPLACE_SCALE, record
 from ..progress import progress_bar
-from ..storage import KernelStore, utcnow
+from ..storage import KernelStore, read_checked, utcnow
 from ..workers import Recorded, TaskContext, store_task
 from .tiles import NotPositiveDefinite, add_jitter, potrf, trsm, update
 
@@ -41,12 +41,25 @@ __all__ = ["NotPositiveDefinite", "count_operations", "factorize"]
 
 
 def _read_a(ctx: TaskContext, g: Any, i: int, j: int, step: int, jitter: float) -> np.ndarray:
-    """The tile (i, j) of A after ``step`` updates, as float64."""
+    """The tile (i, j) of A after ``step`` updates, as float64: at step 0 the kernel's tile, or
+    ``S K S`` with the store's noise scale S (``laplace_scale``) where it has one."""
     rows, cols = ctx.span(i), ctx.span(j)
+    # A diagonal block's upper triangle is authoritative: below it, a block spanning several
+    # kernel tiles holds the never-written lower tiles (NaN), in the kernel and in its updates.
+    complete = "upper" if i == j else True
     if step == 0:
-        a = g[K_TRAIN_TRAIN][rows, cols]
-        return add_jitter(a, jitter) if i == j else np.asarray(a, dtype=np.float64)
-    return np.asarray(g[CHOL_WORK[step % 2]][rows, cols])
+        a = read_checked(g[K_TRAIN_TRAIN], (rows, cols), url=ctx.url, complete=complete)
+        a = np.asarray(a, dtype=np.float64)
+        if LAPLACE_SCALE in g:
+            scale = read_checked(g[LAPLACE_SCALE], url=ctx.url, complete=False)
+            a = scale[rows, None] * a * scale[None, cols]
+        return add_jitter(a, jitter) if i == j else a
+    return read_checked(g[CHOL_WORK[step % 2]], (rows, cols), url=ctx.url, complete=complete)
+
+
+def _read_u(ctx: TaskContext, g: Any, i: int, j: int) -> np.ndarray:
+    """The factor's block (i, j), checked."""
+    return read_checked(g[CHOL], (ctx.span(i), ctx.span(j)), url=ctx.url)
 
 
 @store_task
@@ -61,7 +74,7 @@ def _potrf(ctx: TaskContext, g: Any, k: int, jitter: float, *deps: Any) -> Recor
 
 @store_task
 def _trsm(ctx: TaskContext, g: Any, k: int, j: int, jitter: float, *deps: Any) -> Recorded:
-    u_kk = np.asarray(g[CHOL][ctx.span(k), ctx.span(k)])
+    u_kk = _read_u(ctx, g, k, k)
     g[CHOL][ctx.span(k), ctx.span(j)] = trsm(u_kk, _read_a(ctx, g, k, j, k, jitter))
     return Recorded(CHOL, (k, j))
 
@@ -69,11 +82,11 @@ def _trsm(ctx: TaskContext, g: Any, k: int, j: int, jitter: float, *deps: Any) -
 @store_task
 def _update(ctx: TaskContext, g: Any, k: int, i: int, j: int, jitter: float, *deps: Any) -> None:
     steps = g[record(CHOL_STEP)]
-    if int(steps[i, j]) > k:
+    if int(read_checked(steps, (i, j), url=ctx.url)) > k:
         return  # already applied (a re-run of a task that finished): never move back
     a = _read_a(ctx, g, i, j, k, jitter)
-    u_ki = np.asarray(g[CHOL][ctx.span(k), ctx.span(i)])
-    u_kj = None if i == j else np.asarray(g[CHOL][ctx.span(k), ctx.span(j)])
+    u_ki = _read_u(ctx, g, k, i)
+    u_kj = None if i == j else _read_u(ctx, g, k, j)
     g[CHOL_WORK[(k + 1) % 2]][ctx.span(i), ctx.span(j)] = update(a, u_ki, u_kj)
     steps[i, j] = k + 1
 
@@ -173,12 +186,13 @@ def factorize(
     """Factor ``k_train_train + s I`` into ``chol``; escalate the noise on a non-positive pivot.
 
     ``noise`` is relative to the mean of the training diagonal; the jitter added to the diagonal
-    is ``s = noise * mean(diag K)`` (:meth:`KernelStore.mean_diag`). If a pivot is not
+    is ``s = noise * mean(diag K)`` (:meth:`KernelStore.noise_unit`: for a store with a noise
+    scale S the unit is 1 and the matrix ``S K S + s I``). If a pivot is not
     positive, the factorisation restarts with the noise multiplied by 10, up to ``max_noise``;
     every attempt is recorded in the store's ``factor`` attribute, whose ``noise`` is the
     absolute jitter ``s`` and ``noise_rel`` the relative noise. Returns that record.
     """
-    mean_diag = store.mean_diag()
+    mean_diag = store.noise_unit()
     nt = TaskContext.of(store).blocks
     rec = store.meta.get("factor") or {}
     if rec.get("noise_requested") == noise and rec.get("noise_rel"):
@@ -205,7 +219,8 @@ def factorize(
                     f"the kernel plus noise stays indefinite up to the noise cap {max_noise:g} "
                     f"(relative to the mean diagonal {mean_diag:.6g}); attempts: "
                     + ", ".join(f"{a['noise']:g}" for a in attempts)
-                    + ". Raise --max-noise, or check the kernel for NaN or duplicate inputs."
+                    + ". Raise --max-noise, or check the kernel: duplicate inputs, or a corrupt "
+                    "tile ('nngp-dist verify --store STORE' reads every one)."
                 ) from None
             rel = nxt
             continue

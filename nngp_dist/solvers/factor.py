@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from ..storage import read_checked
 from ..tiling import span
 
 __all__ = ["Factor"]
@@ -25,17 +26,19 @@ class Factor:
     """``U`` with ``U^T U = K + s I`` for the first ``n`` training points, read in blocks of
     edge ``t`` from ``chol`` (the store's ``chol`` array, or any 2-D array of the factor)."""
 
-    def __init__(self, chol: Any, t: int, n: int) -> None:
+    def __init__(self, chol: Any, t: int, n: int, url: str | None = None) -> None:
         self._chol = chol
         self.t, self.n = t, n
+        self.url = url  # the store's, for the message of a bad block
         self.blocks = math.ceil(n / t)
 
     def _span(self, k: int) -> slice:
         return span(self.t, self.n, k)
 
     def block(self, i: int, j: int) -> np.ndarray:
-        """The factor's block (i, j), i <= j."""
-        return np.asarray(self._chol[self._span(i), self._span(j)])
+        """The factor's block (i, j), i <= j (from the store: checked, see
+        :func:`~nngp_dist.storage.read_checked`)."""
+        return read_checked(self._chol, (self._span(i), self._span(j)), url=self.url)
 
     def split(self, b: np.ndarray) -> list[np.ndarray]:
         """``b``'s row blocks, copied (the solves work on them in place)."""
