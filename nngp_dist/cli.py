@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -38,8 +39,21 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted: finished tiles are kept; re-run to resume", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            click.echo(f"error: {_disk_full(e)}", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def _disk_full(e: OSError) -> str:
+    where = f" writing {e.filename}" if e.filename else ""
+    return (
+        f"the disk is full ({e.strerror or e}){where}. Free some space and re-run the same "
+        "command: the tiles written so far are kept and it resumes where it stopped"
+    )
 
 
 TLS_OPTIONS = {

@@ -345,3 +345,22 @@ def test_solve_refuses_too_little_disk_or_memory_before_changing_the_store(tmp_p
     r = CliRunner().invoke(main, ["solve", "--store", str(store)])
     assert r.exit_code == 2 and "the Cholesky factor of the 90 x 90 kernel" in r.output, r.output
     assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*")) == before
+
+
+def test_a_full_disk_stops_with_a_message_not_a_traceback(tmp_path, monkeypatch):
+    """(The fault campaign fills a real tmpfs; here the store's first write fails as a full
+    disk makes it fail, wherever that happens.)"""
+    import errno
+
+    from nngp_dist.storage import KernelStore
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "k.zarr/x_train"))
+
+    monkeypatch.setattr(KernelStore, "create", full)
+    r = CliRunner().invoke(
+        main, ["kernel", "--store", str(tmp_path / "k.zarr"), *SMALL, "--scheduler", "synchronous"]
+    )
+    assert r.exit_code == 1, r.output
+    assert "the disk is full (No space left on device) writing" in r.output
+    assert "re-run the same command" in r.output and "Traceback" not in r.output
