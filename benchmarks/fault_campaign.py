@@ -62,6 +62,9 @@ TRACEBACK = "Traceback (most recent call last)"
 STAGES = ("creation", "kernel", "solve", "predict")
 # The record arrays whose first chunk file marks a stage as under way.
 STAGE_RECORD = {"kernel": K_TRAIN_TRAIN, "solve": CHOL, "predict": PREDICT}
+# How long after a stage is seen to start a kill may come (seconds): within the stage's length at
+# the campaign's default size, so that most faults land inside it.
+MAX_DELAY = {"creation": 0.05, "kernel": 1.0, "solve": 0.5, "predict": 0.2}
 CORRUPTIBLE = {"kernel": (K_TRAIN_TRAIN, K_TEST_TRAIN), "factor": (CHOL,), "posterior": RESULTS}
 
 
@@ -225,7 +228,7 @@ def recover(job: Job, store: Path, out: Outcome, clean: dict, env: dict | None =
 def client_kill(job: Job, work: Path, clean: dict, rng: random.Random, stage: str) -> Outcome:
     store = work / "s.zarr"
     out = Outcome("client-kill", stage)
-    delay = rng.uniform(0, 0.05 if stage == "creation" else 1.0)
+    delay = rng.uniform(0, MAX_DELAY[stage])
     out.injected, first = kill_during(
         [*job.args("run", store), "--workers", "2"], store, stage, delay, kill_group
     )
@@ -242,7 +245,7 @@ def worker_kill(
     out = Outcome("worker-kill", stage)
     address = cluster.start()
     args = [*job.args("run", store), "--scheduler", address]
-    delay = rng.uniform(0, 1.0)
+    delay = rng.uniform(0, MAX_DELAY[stage])
     out.injected, first = kill_during(args, store, stage, delay, lambda _p: cluster.kill_worker(0))
     code = out.saw(first, "run during the kill")
     got = results(store)
