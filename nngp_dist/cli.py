@@ -913,19 +913,30 @@ def _show_status(st: dict) -> None:
     help="Forget the bad chunks and what was computed from them, so that a re-run recomputes "
     "just those (takes the store's lock).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    metavar="FILE",
+    help="Write the findings as JSON to FILE ('-': to standard output, instead of the text).",
+)
 @_user_errors
-def verify(store: str, repair: bool, as_json: bool) -> None:
+def verify(store: str, repair: bool, json_path: str | None) -> None:
     """Read every chunk of a store and check it (checksum, and against the completion records).
 
     Exit status 0 when every chunk is sound (or, with --repair, every bad one was repaired),
     1 otherwise."""
+    from .options import report_path
     from .verify import verify as check
 
+    if json_path not in (None, "-"):
+        report_path(json_path)
     r = check(store, repair=repair)
-    if as_json:
+    if json_path == "-":
         click.echo(json.dumps(r, indent=2))
     else:
+        if json_path:
+            _write_json(json_path, r)
         for p in r["problems"]:
             tile = ", ".join(map(str, p["tile"]))
             click.echo(f"bad: array {p['array']}, tile ({tile}): {p['problem']}")

@@ -133,7 +133,7 @@ def test_verify_finds_every_bad_chunk_and_a_repaired_run_is_bitwise_a_clean_one(
     for name, tile, why in bad:
         assert any(f"array {name}, tile {tile}: it {why}" in line for line in lines), (name, lines)
     assert f"nngp-dist verify --store {store} --repair" in out.stderr
-    report = json.loads(cli("verify", "--store", store, "--json").stdout)
+    report = json.loads(cli("verify", "--store", store, "--json", "-").stdout)
     assert report["rerun"] == ["kernel", "solve", "predict"] and not report["repaired"]
     out = cli("verify", "--store", store, "--repair")
     assert out.returncode == 0, out.stderr
