@@ -262,15 +262,17 @@ def predictive_variance(store: KernelStore) -> np.ndarray:
     scale ``s2`` fitted by maximum likelihood when the store was solved (the solve record's
     ``output_scale``; stores solved before it was recorded give the stored variance)."""
     solved = store.meta["solve"]
-    var = store.read(VARIANCE)
+    var = store.read(VARIANCE, complete=True)
     scale = solved.get("output_scale")
     return var if scale is None else scale * (var + solved["noise_abs"])
 
 
 def metrics(store: KernelStore, bins: int = 10) -> dict:
     """Accuracy (classification), MSE and the calibration table from the stored posterior:
-    test points binned by predictive variance (:func:`predictive_variance`)."""
-    mean = store.read(MEAN)
+    test points binned by predictive variance (:func:`predictive_variance`). The posterior is
+    read checked as complete: a result chunk deleted or never written is reported, not scored
+    as its fill value."""
+    mean = store.read(MEAN, complete=True)
     y = store.read(Y_TEST)
     truth = targets(y, mean.shape[1]) if y.dtype.kind in "iu" else y.reshape(len(y), -1)
     sq = ((mean - truth) ** 2).mean(axis=1)

@@ -283,3 +283,26 @@ def test_an_image_store_whose_blocks_span_several_tiles_verifies_and_repairs(tmp
     ks = KernelStore.open(store)
     assert np.array_equal(ks.read(MEAN), mean) and np.array_equal(ks.read(VARIANCE), variance)
     assert verify(store)["problems"] == []
+
+
+@pytest.mark.parametrize("name", [MEAN, VARIANCE])
+def test_a_deleted_result_chunk_is_reported_by_a_rerun_not_scored_as_its_fill(tmp_path, name):
+    """(Found by the fault campaign: with the predictions recorded done, a re-run scored the
+    fill value of a deleted chunk and exited 0.)"""
+    store = str(tmp_path / "k.zarr")
+    kw = {**RUN, "train_size": 120, "test_size": 20, "tile_size": 40}
+    jobs.run(store, scheduler="synchronous", **kw)
+    clean = {v: np.asarray(zarr.open_group(store)[v][...]) for v in (MEAN, VARIANCE)}
+    os.remove(chunk(store, name, 0, 0) if name == MEAN else chunk(store, name, 0))
+    args = ["--dataset", "demo", "--train-size", "120", "--test-size", "20", "--tile-size", "40"]
+    arch = ["--depth", "2", "--weight-var", "1.6", "--bias-var", "0.2", "--noise", "1e-3"]
+    rerun = ["run", "--store", store, *args, *arch, "--scheduler", "synchronous", "--quiet"]
+    out = cli(*rerun)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"array {name}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert f"nngp-dist verify --store {store} --repair" in out.stderr
+    assert cli("verify", "--store", store, "--repair").returncode == 0
+    assert cli(*rerun).returncode == 0
+    g = zarr.open_group(store)
+    for v in (MEAN, VARIANCE):
+        assert np.array_equal(np.asarray(g[v][...]), clean[v])
