@@ -1,13 +1,13 @@
 """The seed's number: NNGP GP-20-1.45-0.28 (ReLU) on 1,000 MNIST images (Lee et al.: 0.9279).
 
 The MNIST training images are not on this machine (no network beyond the package registries);
-the official test set is (../shared/data/mnist-t10k). So this trains on the first 1,000 images
+the official test set (t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, in --mnist-dir) is. So this trains on the first 1,000 images
 of the official test set and tests on the other 9,000, and says so. The noise is chosen from a
 grid by the accuracy on the last 200 of the 1,000 training images held out (Lee et al. chose on
 a validation set), then the GP is fitted on all 1,000 with it; no test label is used to choose.
 Every grid point's test accuracy is printed too, for reference.
 
-    python benchmarks/bench_seed_mnist.py [--mnist-dir ../shared/data/mnist-t10k]
+    python benchmarks/bench_seed_mnist.py --mnist-dir DIR
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from nngp_dist.datasets import _read_idx
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mnist-dir", default=str(here.parent / "shared" / "data" / "mnist-t10k"))
+    p.add_argument("--mnist-dir", required=True, help="folder with MNIST's t10k IDX files")
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--noise", default="1e-10,1e-8,1e-6,1e-4,1e-3,1e-2")
     p.add_argument("--validation-size", type=int, default=200)
