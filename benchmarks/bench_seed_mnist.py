@@ -1,8 +1,9 @@
 """The seed's number: NNGP GP-20-1.45-0.28 (ReLU) on 1,000 MNIST images (Lee et al.: 0.9279).
 
-The MNIST training images are not on this machine (no network beyond the package registries);
-the official test set (t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, in --mnist-dir) is. So this trains on the first 1,000 images
-of the official test set and tests on the other 9,000, and says so. The noise is chosen from a
+The MNIST training images were not on the machine this was measured on (no network beyond the
+package registries); the official test set was (t10k-images-idx3-ubyte and
+t10k-labels-idx1-ubyte, in --mnist-dir). So this trains on the first 1,000 images of the
+official test set and tests on the other 9,000, and says so. The noise is chosen from a
 grid by the accuracy on the last 200 of the 1,000 training images held out (Lee et al. chose on
 a validation set), then the GP is fitted on all 1,000 with it; no test label is used to choose.
 Every grid point's test accuracy is printed too, for reference.
