@@ -56,21 +56,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_fmnist import lenet5  # this folder's networks
 
 from nngp_dist import datasets, jobs
 
 HERE = Path(__file__).resolve()
 DELTA = 1.0
-
-
-def lenet5() -> torch.nn.Module:
-    """LeNet-5 for 28 x 28 inputs (61,706 weights)."""
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
-    )  # fmt: skip
 
 
 def network(weights: str | None) -> torch.nn.Module:

@@ -13,7 +13,7 @@ Writes ``<out>/<net>.pt`` (a ``state_dict``, loadable with ``torch.load(weights_
 what ``--arch trained --model`` takes) and ``<out>/<net>.json`` (training record, MAP test
 accuracy)::
 
-    python benchmarks/train_fmnist.py --net lenet5 --epochs 10 --out /tmp/fmnist-nets
+    python benchmarks/train_fmnist.py --net lenet5 --threads 1 --out /tmp/fmnist-nets
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="folder for <net>.pt, <net>.pt2, <net>.json")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train", type=int, default=60000, help="training images used")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
