@@ -45,6 +45,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,11 +187,12 @@ def run_laplace_torch(a: argparse.Namespace) -> dict:
     start = time.perf_counter()
     la.fit(DataLoader(TensorDataset(x, y), batch_size=a.batch))
     fit = time.perf_counter() - start
+    print(f"laplace-torch fit: {fit:.1f} s", file=sys.stderr, flush=True)
     n = min(a.compare, len(data.x_test))
     xt = torch.as_tensor(data.x_test[:n], dtype=torch.float64).reshape(-1, *INPUT_SHAPE)
     start = time.perf_counter()
     probs = np.concatenate(
-        [la(xb, pred_type="glm", link_approx="probit").detach().numpy() for xb in xt.split(a.batch)]
+        [la(xb, pred_type="gp", link_approx="probit").detach().numpy() for xb in xt.split(a.batch)]
     )
     predict = time.perf_counter() - start
     from nngp_dist import likelihoods
@@ -243,6 +245,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
