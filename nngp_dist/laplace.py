@@ -156,6 +156,7 @@ def _solve_output(
         }
     )
     predict_test(sub, client=client, progress=progress, workers=worker_memory(client))
+    sub.update_meta(predict={"output_of": "laplace", "variance": True})  # the store's: done
     return sol["log_marginal_likelihood"], sub.read(VARIANCE)
 
 

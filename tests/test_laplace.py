@@ -398,6 +398,13 @@ def test_cli_run_classification_and_regression(tmp_path):
     assert rep["store"] == store and rep["version"] == __version__
     assert rep["spec"]["arch"] == "trained" and rep["spec"] == KernelStore.open(store).meta["spec"]
     assert KernelStore.open(store).read(VARIANCE).shape == (6, 3)
+    st = _cli("status", "--store", store)
+    assert st.exit_code == 0, st.output
+    assert "spec:    trained model" in st.output and "prior_precision 2.0" in st.output
+    assert "outputs: 3 per-output stores (Laplace-GP): 3 done" in st.output
+    assert f"accuracy {rep['accuracy']:.4f}, nll {rep['nll']:.4f}" in st.output
+    sub = _cli("status", "--store", f"{store}/{OUTPUTS}/1")
+    assert sub.exit_code == 0 and "output 1" in sub.output, sub.output
     floats = _npz(tmp_path, np.ones((20, 3)), np.ones((6, 3)), "f.npz")
     _, args = _run_args(tmp_path / "r", weights, floats, "--likelihood", "regression")
     (tmp_path / "r").mkdir()
