@@ -86,9 +86,7 @@ def kernel(
     (``arch`` conv or resnet32) take the images' shape from the dataset and, without
     ``tile_size``, a tile from ``image_tile_size``; an option the architecture lacks is an
     error. ``arch="trained"``: a trained network (a factory imported only with ``trust_code``);
-    ``likelihood`` and ``sigma`` are checked against it, and with ``likelihood`` the store is
-    made but its tiles are left to :func:`nngp_dist.laplace.posterior` (``tiles_left``), which
-    computes them in the same pass as the per-output kernels.
+    ``likelihood`` and ``sigma`` are checked against it (the tiles then left to the posterior).
 
     All is checked before the first tile is written: data, spec, store (one of another spec,
     dataset or tile size refused unless ``overwrite``; one another job writes, always), the
@@ -116,9 +114,8 @@ def kernel(
     if dry_run:
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
     with store_lock(store, "kernel"):  # one writer per store; _fill decides again under it
-        how = {"overwrite": overwrite, "replace_test": replace_test}
-        fill = device, progress, likelihood is None
-        job = functools.partial(_fill, store, how, meta, data, plan, spec, *fill)
+        how, fill = {"overwrite": overwrite, "replace_test": replace_test}, likelihood is None
+        job = functools.partial(_fill, store, how, meta, data, plan, spec, device, progress, fill)
         return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
 
 

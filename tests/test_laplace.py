@@ -168,6 +168,7 @@ def test_one_pass_writes_every_output_and_the_trace_and_resumes(tmp_path, client
     assert subs[0].array(record(K_TRAIN_TRAIN))[0, 2] == kept
     assert _rel(subs[1].read(VARIANCE), before) < 1e-10
 
+
 def test_classification_terms_match_autograd():
     rng = np.random.default_rng(1)
     f = rng.normal(size=(6, 4)) * 3
