@@ -1,26 +1,27 @@
 """Tuning a trained network's prior precision, noise and width by the train log marginal
 likelihood on scikit-learn's diabetes data (the seed's Fig. 6 experiment, DNN2GP).
 
-The 442 x 10 diabetes regression (``sklearn.datasets.load_diabetes``, shipped with scikit-
-learn) in random 80/20 splits (353 training, 89 test points; seeded), inputs and targets
-standardised with the training split's mean and standard deviation. A configuration is a width
-(one hidden layer of 5, 10, 20 or 50 tanh units), a prior precision delta and a noise standard
-deviation sigma in 0.5, 0.6, ..., 1.0, with the ridge below in logspace(0, 2, 5): 20 networks
-and 120 configurations per split. The MAP of ``sum (y - f)^2 / (2 sigma^2) + delta / 2 |w|^2``
-depends on delta and sigma only through the ridge ``lambda = delta sigma^2`` (the objective
-times sigma^2 is ``sum (y - f)^2 / 2 + lambda / 2 |w|^2``), so one network is trained per width
-and ridge (float64 L-BFGS, the same initial weights for every ridge) and it is the MAP network
-of every (delta, sigma) with ``delta sigma^2 = lambda``: no configuration reuses a network that
-is not its own MAP. Each network is exported (``torch.export``) and its kernel J J^T / delta
-and Laplace-GP posterior computed by ``nngp_dist.jobs.run`` at (delta, sigma) = (lambda, 1);
-the train LML of every sigma in the grid (delta = lambda / sigma^2) is then read from that
-store by ``nngp_dist.laplace.lml_grid`` (the kernel rescaled, not recomputed). The predictive
-mean is the network's output, so a configuration's test MSE is its network's; its test NLL (of
-``N(mean, var + sigma^2)``) needs the posterior at its own delta and sigma, recomputed by
-``jobs.run`` for the three configurations compared per split: the highest train LML, the oracle
-(the lowest test MSE; among the sigmas of that network, the highest train LML) and a fixed
-default (width 20, delta 1, sigma 1). Goal (the seed's Fig. 6 claim): the LML's choice is
-competitive, its test MSE within 10% of the oracle's in most splits.
+The 442 x 10 diabetes regression (``sklearn.datasets.load_diabetes``, shipped with
+scikit-learn, which this script needs) in random 80/20 splits (353 training, 89 test points;
+seeded), inputs and targets standardised with the training split's mean and standard deviation.
+A configuration is a width (one hidden layer of 5, 10, 20 or 50 tanh units), a prior precision
+delta and a noise standard deviation sigma in 0.5, 0.6, ..., 1.0, with the ridge below in
+logspace(0, 2, 5): 20 networks and 120 configurations per split. The MAP of ``sum (y - f)^2 /
+(2 sigma^2) + delta / 2 |w|^2`` depends on delta and sigma only through the ridge ``lambda =
+delta sigma^2`` (the objective times sigma^2 is ``sum (y - f)^2 / 2 + lambda / 2 |w|^2``), so
+one network is trained per width and ridge (float64 L-BFGS, the same initial weights for every
+ridge) and it is the MAP network of every (delta, sigma) with ``delta sigma^2 = lambda``: no
+configuration reuses a network that is not its own MAP. Each network is exported
+(``torch.export``) and its kernel J J^T / delta and Laplace-GP posterior computed by
+``nngp_dist.jobs.run`` at (delta, sigma) = (lambda, 1); the train LML of every sigma in the
+grid (delta = lambda / sigma^2) is then read from that store by ``nngp_dist.laplace.lml_grid``
+(the kernel rescaled, not recomputed). The predictive mean is the network's output, so a
+configuration's test MSE is its network's; its test NLL (of ``N(mean, var + sigma^2)``) needs
+the posterior at its own delta and sigma, recomputed by ``jobs.run`` for the three
+configurations compared per split: the highest train LML, the oracle (the lowest test MSE;
+among the sigmas of that network, the highest train LML) and a fixed default (width 20, delta
+1, sigma 1). Goal (the seed's Fig. 6 claim): the LML's choice is competitive, its test MSE
+within 10% of the oracle's in most splits.
 
     python benchmarks/bench_trained_diabetes.py [--splits 20] [--json out.json]
 """
