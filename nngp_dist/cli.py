@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -873,10 +874,7 @@ def _show_status(st: dict) -> None:
     click.echo(f"tiles:   {st['tiles_done']} / {st['tiles_total']} done")
     for name, a in st["arrays"].items():
         click.echo(f"  {name:14s} {a['done']:>8d} / {a['total']}")
-    click.echo(
-        f"spec:    {spec['arch']}{_depth_and_geometry(spec)} {spec['activation']['name']} "
-        f"w_var {spec['weight_var']} b_var {spec['bias_var']} {spec['kernel']}"
-    )
+    click.echo(f"spec:    {_spec_line(spec)}")
     click.echo(
         f"data:    {st['dataset']}, {st['n_train']} train x {st['n_test']} test, "
         f"tile {st['tile_size']}, {st['dtype']}"
@@ -899,10 +897,23 @@ def _show_status(st: dict) -> None:
         click.echo(f"factor:  {f['done']} / {f['total']} tiles")
     if blocks:
         click.echo(f"predict: {blocks_text}")
+    if st.get("outputs"):
+        counts = {s: st["outputs"].count(s) for s in dict.fromkeys(st["outputs"])}
+        text = ", ".join(f"{n} {s}" for s, n in counts.items())
+        click.echo(f"outputs: {len(st['outputs'])} per-output stores (Laplace-GP): {text}")
     if st.get("predict"):
-        r = st["predict"]
-        acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
-        click.echo(f"result:  {acc}mse {r['mse']:.6g}, noise {r['noise']:g}")
+        click.echo(f"result:  {_result_line(st['predict'])}")
+
+
+def _result_line(r: dict) -> str:
+    """The prediction's scores in one line (a GP posterior's, or a Laplace-GP's)."""
+    if r.get("likelihood"):
+        keys = ("accuracy", "nll", "ece", "mse", "map_accuracy", "map_nll", "map_ece")
+        return ", ".join(f"{k} {r[k]:.4f}" for k in keys if r.get(k) is not None)
+    if "mse" not in r:  # one output's store of a Laplace-GP: its variances
+        return "test variances written (the scores are the parent store's)"
+    acc = f"accuracy {r['accuracy']:.4f}, " if "accuracy" in r else ""
+    return f"{acc}mse {r['mse']:.6g}, noise {r['noise']:g}"
 
 
 @main.command()
@@ -977,6 +988,21 @@ def _job_line(job: dict | None) -> str:
     if job.get("error"):
         text += f": {job['error']}"
     return text
+
+
+def _spec_line(spec: dict) -> str:
+    """The spec in one line: the architecture and what defines its kernel."""
+    if spec["arch"] == "trained":
+        weights = f" weights {os.path.basename(spec['weights'])}" if spec.get("weights") else ""
+        return (
+            f"trained model {os.path.basename(spec['model'])}{weights} "
+            f"(sha256 {spec['model_sha256'][:12]}) prior_precision {spec['prior_precision']} "
+            f"output {spec['output']}"
+        )
+    return (
+        f"{spec['arch']}{_depth_and_geometry(spec)} {spec['activation']['name']} "
+        f"w_var {spec['weight_var']} b_var {spec['bias_var']} {spec['kernel']}"
+    )
 
 
 def _depth_and_geometry(spec: dict) -> str:

@@ -20,8 +20,8 @@ from distributed import as_completed
 
 from . import backend, config, workers
 from .errors import CorruptStore, UserError
-from .kernels import Spec
-from .layout import K_TRAIN_TRAIN, KERNEL_ARRAYS, X_TEST, X_TRAIN
+from .kernels import Spec, trained
+from .layout import K_TRAIN_TRAIN, KERNEL_ARRAYS, X_TEST, X_TRAIN, record
 from .progress import progress_bar
 from .storage import KernelStore, read_checked, utcnow
 from .tiling import Tile, TilePlan
@@ -29,7 +29,15 @@ from .workers import TaskContext
 
 INPUTS = {"train": X_TRAIN, "test": X_TEST}
 
-__all__ = ["JobError", "compute_kernel", "evaluate_tile", "probe", "run_tile"]
+__all__ = [
+    "JobError",
+    "compute_kernel",
+    "compute_outputs",
+    "evaluate_tile",
+    "probe",
+    "run_output_tile",
+    "run_tile",
+]
 
 
 class JobError(RuntimeError):
@@ -122,6 +130,63 @@ def run_tile(
     return workers.Recorded(tile.array, tile.index)
 
 
+def _finite(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    with np.errstate(over="ignore"):  # overflow to inf in float32 is caught just below
+        values = values.astype(dtype, copy=False)
+    if not np.isfinite(values).all():
+        raise FloatingPointError(
+            f"{what}: the kernel has {int((~np.isfinite(values)).sum())} non-finite entries in "
+            f"{dtype}; nothing was recorded for this tile"
+        )
+    return values
+
+
+def run_output_tile(
+    ctx: TaskContext,
+    spec: Spec,
+    plan: TilePlan,
+    tile: Tile,
+    dtype: str,
+    targets: tuple[tuple[TaskContext, Any], ...],
+) -> float:
+    """One tile of a trained network's per-output kernels, written to several stores at once.
+
+    ``ctx`` is the store whose inputs the tile reads (every target holds the same inputs);
+    ``targets`` are (store, what) pairs, ``what`` an output index ``c`` (that store gets
+    ``kappa_c``) or ``"trace"`` (``sum_c kappa_c``). The network's features are computed
+    once for all outputs (:func:`nngp_dist.kernels.trained.per_output_cross`), where one store
+    per output would compute them once per output. Every target's data is written before any
+    of their completion records, so a killed task leaves each target resumable."""
+    start = time.perf_counter()
+    workers.tune_allocator()
+    part = plan.row_part(tile.array)
+    rows = plan.rows(part, tile.i)
+    x1 = _rows(ctx, part, (rows.start, rows.stop))
+    target: tuple[slice, ...] = (rows,)
+    if tile.j is None:
+        values = trained.per_output_diag(spec, x1)
+    else:
+        cols = plan.rows("train", tile.j)
+        target = (rows, cols)
+        same = tile.array == K_TRAIN_TRAIN and tile.i == tile.j
+        x2 = x1 if same else _rows(ctx, "train", (cols.start, cols.stop))
+        values = trained.per_output_cross(spec, x1, x2)
+        if same:  # each diagonal exactly the diagonal tiles' (k_train_diag)
+            for k, d in zip(values, trained.per_output_diag(spec, x1), strict=True):
+                np.fill_diagonal(k, d)
+    written = []
+    for sub, what in targets:
+        v = values.sum(axis=0) if what == "trace" else values[what]
+        v = _finite(v, dtype, f"{tile} of output {what}")
+        group = workers.open_group(sub.url, sub.token, flush=True)
+        _whole_tiles(group, tile.array)[target] = v
+        written.append(group)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    for group in written:
+        group[record(tile.array)][tile.index] = seconds
+    return seconds
+
+
 # --- client side ------------------------------------------------------------------------------
 
 
@@ -162,15 +227,7 @@ def compute_kernel(
     try:
         if client is None:
             for tile in todo:
-                try:
-                    run_tile(*args, tile, meta["dtype"], device)
-                except CorruptStore:
-                    raise  # its own remedy, not a re-run
-                except Exception as e:
-                    raise JobError(
-                        f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
-                        "kept; re-run the same command to resume."
-                    ) from e
+                _local(run_tile, tile, *args, tile, meta["dtype"], device)
                 bar.update()
         else:
             _run_distributed(client, args, todo, meta["dtype"], device, max_in_flight, bar)
@@ -191,15 +248,22 @@ def _run_distributed(
     max_in_flight: int | None,
     bar: Any,
 ) -> None:
-    if max_in_flight is None:
-        threads = sum(client.nthreads().values()) or 1
-        max_in_flight = config.value("tasks-per-thread") * threads
-    pending = iter(todo)
-
     def submit(tile: Tile) -> Any:
         key = args[0].key("tile", tile.array, *tile.index)
         return client.submit(run_tile, *args, tile, dtype, device, key=key, pure=False)
 
+    _windowed(client, submit, todo, max_in_flight, bar)
+
+
+def _windowed(
+    client: Any, submit: Any, todo: Iterable[Any], max_in_flight: int | None, bar: Any
+) -> None:
+    """Run ``submit(item)`` for every item of ``todo``, at most ``max_in_flight`` at a time
+    (default: ``nngp-dist.tasks-per-thread`` per worker thread); a failure is a JobError."""
+    if max_in_flight is None:
+        threads = sum(client.nthreads().values()) or 1
+        max_in_flight = config.value("tasks-per-thread") * threads
+    pending = iter(todo)
     futures = as_completed([submit(t) for t in itertools.islice(pending, max(1, max_in_flight))])
     try:
         for fut in futures:
@@ -219,6 +283,75 @@ def _run_distributed(
     except BaseException:
         client.cancel(list(futures.futures))
         raise
+
+
+def compute_outputs(
+    store: KernelStore,
+    outputs: list[KernelStore],
+    spec: Spec,
+    *,
+    client: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Every missing tile of a trained network's store (its own kernel: the trace or the output
+    its spec names) and of its per-output
+    stores ``outputs`` (``outputs[c]`` holds ``kappa_c``), in one pass over the tiles: a tile
+    missing anywhere is computed once for all outputs and written where it is missing
+    (:func:`run_output_tile`). ``spec`` is the store's own (trusted) spec. Returns tiles
+    computed and skipped, seconds."""
+    plan = store.plan
+    stores = [(store, spec.output), *((sub, c) for c, sub in enumerate(outputs))]
+    done = [({a: ks.done(a) for a in KERNEL_ARRAYS}, ks, what) for ks, what in stores]
+    ctxs = {id(ks): TaskContext.of(ks, ks.meta["tile_size"]) for ks, _ in stores}
+    todo = []
+    for tile in plan.missing(
+        {a: np.logical_and.reduce([d[a] for d, _, _ in done]) for a in KERNEL_ARRAYS}
+    ):
+        todo.append(
+            (tile, tuple((ctxs[id(ks)], w) for d, ks, w in done if not d[tile.array][tile.index]))
+        )
+    total = plan.total()
+    summary = {"tiles_total": total, "tiles_computed": 0, "tiles_skipped": total - len(todo)}
+    if not todo:
+        return {**summary, "seconds": 0.0}
+    start = time.perf_counter()
+    for ks, _ in stores:
+        ks.record_stage("kernel", started=utcnow(), finished=None)
+    ctx, dtype = ctxs[id(store)], store.meta["dtype"]
+    bar = progress_bar(total, total - len(todo), progress)
+    try:
+        if client is None:
+            for tile, targets in todo:
+                _local(run_output_tile, tile, ctx, spec, plan, tile, dtype, targets)
+                bar.update()
+        else:
+
+            def submit(item: tuple) -> Any:
+                tile, targets = item
+                key = ctx.key("outputs", tile.array, *tile.index)
+                args = (ctx, spec, plan, tile, dtype, targets)
+                return client.submit(run_output_tile, *args, key=key, pure=False)
+
+            _windowed(client, submit, todo, None, bar)
+    finally:
+        bar.close()
+    seconds = round(time.perf_counter() - start, 3)
+    for ks, _ in stores:
+        ks.record_stage("kernel", finished=utcnow(), seconds=seconds, tiles=len(todo))
+    return {**summary, "tiles_computed": len(todo), "seconds": seconds}
+
+
+def _local(fn: Any, tile: Tile, *args: Any) -> Any:
+    """``fn(*args)`` in this process; a failure is a :class:`JobError` naming ``tile``."""
+    try:
+        return fn(*args)
+    except CorruptStore:
+        raise  # its own remedy, not a re-run
+    except Exception as e:
+        raise JobError(
+            f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
+            "kept; re-run the same command to resume."
+        ) from e
 
 
 def probe(spec: Spec, data: Any, dtype: str) -> None:

@@ -24,7 +24,7 @@ from .cluster import (
 from .compute import compute_kernel, probe
 from .errors import UserError
 from .kernels import Spec
-from .layout import ALPHA, Y_TEST, Y_TRAIN
+from .layout import ALPHA, KERNEL_ARRAYS, Y_TEST, Y_TRAIN
 from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
@@ -86,7 +86,9 @@ def kernel(
     (``arch`` conv or resnet32) take the images' shape from the dataset and, without
     ``tile_size``, a tile from ``image_tile_size``; an option the architecture lacks is an
     error. ``arch="trained"``: a trained network (a factory imported only with ``trust_code``);
-    ``likelihood`` and ``sigma`` are checked against it.
+    ``likelihood`` and ``sigma`` are checked against it, and with ``likelihood`` the store is
+    made but its tiles are left to :func:`nngp_dist.laplace.posterior` (``tiles_left``), which
+    computes them in the same pass as the per-output kernels.
 
     All is checked before the first tile is written: data, spec, store (one of another spec,
     dataset or tile size refused unless ``overwrite``; one another job writes, always), the
@@ -115,7 +117,8 @@ def kernel(
         return {"store": str(store), "action": action, "tiles_total": plan.total()}
     with store_lock(store, "kernel"):  # one writer per store; _fill decides again under it
         how = {"overwrite": overwrite, "replace_test": replace_test}
-        job = functools.partial(_fill, store, how, meta, data, plan, spec, device, progress)
+        fill = device, progress, likelihood is None
+        job = functools.partial(_fill, store, how, meta, data, plan, spec, *fill)
         return with_client(job, client, scheduler, workers, memory_limit, allow_synchronous=True)
 
 
@@ -128,11 +131,13 @@ def _fill(
     spec: Spec,
     device: str,
     progress: bool,
+    tiles: bool,
     c: Any,
 ) -> dict:
     """Create, resume or replace the test set of the store as :meth:`KernelStore.check` decides
     with the options ``how`` (under the store's lock), then compute its missing tiles with client
-    ``c`` (None: in this process)."""
+    ``c`` (None: in this process). Without ``tiles`` (a Laplace-GP job) they are left to
+    :func:`nngp_dist.laplace.posterior`, which computes them with the per-output kernels."""
     action = KernelStore.check(store, meta, **how)
     if c is not None:
         check_workers(c, plan.tile_size, data.x_train.shape[1])
@@ -144,6 +149,10 @@ def _fill(
         ks = KernelStore.open(store, "r+")
         if action == "replace-test":
             ks.replace_test(data)
+    if not tiles:
+        left = len(ks.plan.missing({a: ks.done(a) for a in KERNEL_ARRAYS}))
+        summary = {"tiles_total": ks.plan.total(), "tiles_left": left, "seconds": 0.0}
+        return {"store": str(store), "action": action, **summary}
     summary = compute_kernel(ks, client=c, device=device, progress=progress, spec=spec)
     return {"store": str(store), "action": action, **summary}
 

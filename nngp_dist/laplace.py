@@ -8,7 +8,9 @@ its spec), :func:`posterior` computes, per output ``c``, the GP with kernel
 1. the network's outputs ``f`` and ``J w*`` on the training and test inputs (in this process;
    (N + M) x C numbers);
 2. per output ``c``, a kernel store of ``kappa_c`` in the group ``outputs/<c>`` of the store
-   (created or resumed like any store, its tiles computed by the workers), its noise scale
+   (created or resumed like any store; the tiles of every output, and of the store's own trace
+   kernel where missing, computed by the workers in one pass: one feature computation per
+   tile for all outputs, :func:`nngp_dist.compute.compute_outputs`), its noise scale
    ``sqrt(Lambda_c)`` (``laplace_scale``), the tiled Cholesky factor of
    ``S K S + I`` (always positive definite: no noise escalation), alpha and the log marginal
    likelihood of ``y~_c``, and the variance of each test point;
@@ -16,9 +18,10 @@ its spec), :func:`posterior` computes, per output ``c``, the GP with kernel
    posterior mean at the MAP, as laplace-torch's GLM predictive), and ``variance`` (M, C).
 
 Cost. Classification has a different noise per output, so each output has its own factor:
-C kernels of N^2 / 2 entries (each a pass over the network's features, the ``C``-fold of the
-trace kernel's contraction work), C factorisations of N^3 / 3 flops and C x N^2 / 2 float64
-numbers on disk per factor; the trace kernel of the store itself is computed once more. With
+C kernels of N^2 / 2 entries (one pass over the tiles computes them all, and the trace kernel
+with them: the network's features once per tile, the ``C`` kernels' contractions), C
+factorisations of N^3 / 3 flops, C triangular solves of N^2 M flops for the M test variances,
+and C x N^2 / 2 float64 numbers on disk per factor. With
 regression (one noise for all points and outputs) the outputs still get a store each: the
 C-output regression is the same independent-output approximation. The outputs run one after
 another, each over all the workers.
@@ -41,7 +44,7 @@ import numpy as np
 from . import likelihoods
 from ._version import __version__
 from .cluster import with_client, worker_memory
-from .compute import compute_kernel
+from .compute import compute_outputs
 from .datasets import from_arrays
 from .errors import StoreMismatch, UserError
 from .kernels import Spec, trained
@@ -102,9 +105,6 @@ def _checked(ks: KernelStore, likelihood: str, sigma: Any, trust: bool) -> tuple
         raise UserError(
             f"{ks.url} holds the kernel of --arch {spec.arch}; --likelihood needs --arch trained"
         )
-    st = ks.status()
-    if st["tiles_done"] < st["tiles_total"]:
-        raise UserError(f"the kernel in {ks.url} is incomplete: re-run the kernel command")
     if likelihood == "classification":
         if sigma is not None:
             raise UserError("--sigma is the regression noise; drop it for classification")
@@ -112,11 +112,11 @@ def _checked(ks: KernelStore, likelihood: str, sigma: Any, trust: bool) -> tuple
     return spec, positive("--sigma", 1.0 if sigma is None else sigma)
 
 
-def output_store(ks: KernelStore, spec: Spec, c: int, client: Any, progress: bool) -> KernelStore:
+def output_store(ks: KernelStore, spec: Spec, c: int) -> KernelStore:
     """The kernel store of output ``c`` (``outputs/<c>``): created, or resumed when its
     identity matches, its test set replaced when only that differs (as the store's own may
-    have been), else made anew (it is derived from the store, whose identity was checked);
-    its missing tiles computed."""
+    have been), else made anew (it is derived from the store, whose identity was checked).
+    Its tiles are computed by :func:`nngp_dist.compute.compute_outputs`, all outputs at once."""
     meta = ks.meta
     spec_c = dataclasses.replace(spec, output=c)
     data = from_arrays(
@@ -135,7 +135,6 @@ def output_store(ks: KernelStore, spec: Spec, c: int, client: Any, progress: boo
         sub = KernelStore.open(url, "r+")
         if action == "replace-test":  # a new test set: the training kernel and factor stay
             sub.replace_test(data)
-    compute_kernel(sub, client=client, progress=progress, spec=spec_c)
     return sub
 
 
@@ -157,6 +156,7 @@ def _solve_output(
         }
     )
     predict_test(sub, client=client, progress=progress, workers=worker_memory(client))
+    sub.update_meta(predict={"output_of": "laplace", "variance": True})  # the store's: done
     return sol["log_marginal_likelihood"], sub.read(VARIANCE)
 
 
@@ -203,8 +203,9 @@ def posterior(
         ks.record_stage("laplace", started=utcnow(), finished=None)
         var = np.empty((len(f_test), n_out))
         lml = 0.0
-        for k in range(n_out):
-            sub = output_store(ks, spec, k, c, progress)
+        subs = [output_store(ks, spec, k) for k in range(n_out)]
+        compute_outputs(ks, subs, spec, client=c, progress=progress)
+        for k, sub in enumerate(subs):
             part, v = _solve_output(sub, c, np.sqrt(lam[:, k]), y_tilde[:, k], progress)
             lml += part
             var[:, k] = v

@@ -57,6 +57,7 @@ from .layout import (
     LAPLACE_SCALE,
     LOCK,
     MEAN,
+    OUTPUTS,
     PREDICT,
     RECORDS,
     T_TRAIN,
@@ -404,6 +405,12 @@ class KernelStore:
         if self.has(record(PREDICT)):
             rec = ~np.isnan(self.read(record(PREDICT)))
             out["predict_blocks"] = {"done": int(rec.sum()), "total": int(rec.size)}
+        stages = []  # a Laplace-GP's per-output stores, outputs/<c>
+        while self.has(f"{OUTPUTS}/{len(stages)}/{record(K_TRAIN_TRAIN)}"):
+            sub = KernelStore.open(f"{self.url}/{OUTPUTS}/{len(stages)}")
+            stages.append(sub.status()["stage"])
+        if stages:
+            out["outputs"] = stages
         return out
 
     # --- arrays: the only way other modules reach the group ---------------------------------

@@ -132,6 +132,42 @@ def test_posterior_equals_the_weight_space_oracle(tmp_path, client, likelihood):
     assert again["log_marginal_likelihood"] == pytest.approx(rep["log_marginal_likelihood"])
 
 
+def test_one_pass_writes_every_output_and_the_trace_and_resumes(tmp_path, client):
+    """``run --likelihood`` leaves the store's tiles to the posterior's single pass, which
+    writes the trace to the store and kappa_c to each output store (the direct Jacobian's
+    contraction is the oracle); a tile lost in one output store alone is recomputed there."""
+    from nngp_dist.layout import K_TEST_TRAIN, K_TRAIN_DIAG, K_TRAIN_TRAIN, record
+    from nngp_dist.tiling import symmetric
+
+    model, weights = _net("mlp_tanh", tmp_path)
+    rng = np.random.default_rng(3)
+    x_train, x_test = rng.normal(size=(37, 5)), rng.normal(size=(9, 5))
+    data = datasets.from_arrays("t", x_train, rng.integers(0, 3, 37), x_test, np.arange(9) % 3)
+    store, delta = str(tmp_path / "k.zarr"), 0.7
+    kw = dict(likelihood="classification", trust_code=True, progress=False, client=client)
+    spec = dict(arch="trained", model=f"{FACTORIES}:mlp_tanh", weights=weights)
+    jobs.run(store, dataset=data, prior_precision=delta, tile_size=16, **spec, **kw)
+    j, _ = _jac(model.double(), x_train)
+    js, _ = _jac(model, x_test)
+    kc = np.einsum("ncp,mcp->cnm", j, j) / delta
+    ks = KernelStore.open(store)
+    assert _rel(symmetric(ks.read(K_TRAIN_TRAIN)), kc.sum(0)) < 1e-12
+    assert _rel(ks.read(K_TEST_TRAIN), np.einsum("ncp,mcp->nm", js, j) / delta) < 1e-12
+    subs = [KernelStore.open(f"{store}/{OUTPUTS}/{c}", "r+") for c in range(3)]
+    for c, sub in enumerate(subs):
+        assert _rel(symmetric(sub.read(K_TRAIN_TRAIN)), kc[c]) < 1e-12
+        assert _rel(sub.read(K_TRAIN_DIAG), np.diagonal(kc[c])) < 1e-12
+    before = subs[1].read(VARIANCE)
+    # output 1 loses tile (0, 2) of its training kernel: only there is it recomputed
+    subs[1].array(K_TRAIN_TRAIN)[0:16, 32:37] = -1.0
+    subs[1].array(record(K_TRAIN_TRAIN))[0, 2] = np.nan
+    kept = subs[0].array(record(K_TRAIN_TRAIN))[0, 2]
+    subs[1].drop_factor()
+    laplace.posterior(store, **kw)
+    assert _rel(symmetric(subs[1].read(K_TRAIN_TRAIN)), kc[1]) < 1e-12
+    assert subs[0].array(record(K_TRAIN_TRAIN))[0, 2] == kept
+    assert _rel(subs[1].read(VARIANCE), before) < 1e-10
+
 def test_classification_terms_match_autograd():
     rng = np.random.default_rng(1)
     f = rng.normal(size=(6, 4)) * 3
@@ -362,6 +398,13 @@ def test_cli_run_classification_and_regression(tmp_path):
     assert rep["store"] == store and rep["version"] == __version__
     assert rep["spec"]["arch"] == "trained" and rep["spec"] == KernelStore.open(store).meta["spec"]
     assert KernelStore.open(store).read(VARIANCE).shape == (6, 3)
+    st = _cli("status", "--store", store)
+    assert st.exit_code == 0, st.output
+    assert "spec:    trained model" in st.output and "prior_precision 2.0" in st.output
+    assert "outputs: 3 per-output stores (Laplace-GP): 3 done" in st.output
+    assert f"accuracy {rep['accuracy']:.4f}, nll {rep['nll']:.4f}" in st.output
+    sub = _cli("status", "--store", f"{store}/{OUTPUTS}/1")
+    assert sub.exit_code == 0 and "output 1" in sub.output, sub.output
     floats = _npz(tmp_path, np.ones((20, 3)), np.ones((6, 3)), "f.npz")
     _, args = _run_args(tmp_path / "r", weights, floats, "--likelihood", "regression")
     (tmp_path / "r").mkdir()

@@ -57,8 +57,14 @@ its inputs ``A`` and cotangents ``G_c``, or its per-example weight gradients; pe
 its per-example Jacobian) are what memory holds, with the pair temporaries of one block of rows
 by one block of columns. Blocks are sized so that a block's features, and a pair of blocks'
 temporaries, stay under :data:`MEMORY_BUDGET` bytes (measured on one example); the features
-of the tile's second input are kept when they fit in that budget too, else recomputed for each
-block of rows.
+of the tile's second input are kept when they fit in twice that budget, else recomputed for
+each block of rows. The autograd temporaries of computing a block's features (every captured
+layer's input and output, once per output asked and once more, taken twice: 1.6 MB per
+example for LeNet-5 with 10 outputs, measured 1.56-1.67 MB) stay under the budget too, which
+is what sizes the blocks of a network with large activations (LeNet-5: 167 rows). A worker's
+peak is thus about the model and torch (0.75 GB), the tile (C x tile^2 float64 numbers), and
+the budgets: kept features 2, a row block's features, its autograd temporaries and a pair's
+temporaries 1 each.
 
 A module called more than once per forward pass (weights shared across calls) is refused.
 """
@@ -237,6 +243,8 @@ class Loaded:
         self.modules: dict[str, Any] = {}  # name -> module, for the hooks
         self.nodes: dict[str, str] = {}  # graph node -> name (a torch.export module)
         self.generic: dict[str, Any] = {}  # name -> module with parameters of its own
+        # outputs asked -> bytes per example of the autograd temporaries of _features
+        self.transient: dict[int, int] = {}
         if isinstance(model, torch.fx.GraphModule):
             for node, (name, geometry) in _graph_layers(torch, model).items():
                 self.nodes[node] = name
@@ -473,6 +481,8 @@ def _features(loaded: Loaded, x: Any, outputs: list[int] | None) -> tuple[list, 
     finally:
         for h in hooks:
             h.remove()
+    raw = sum(seen[n][0][0].numel() + seen[n][1][0].numel() for n in names)
+    loaded.transient[len(outs)] = 16 * (len(outs) + 1) * raw
     layers = []
     for name, gs in zip(names, cot, strict=True):
         geo = loaded.structured[name]
@@ -578,7 +588,7 @@ def _pair(f1: tuple, f2: tuple) -> Any:
 
     def add(t: Any) -> None:
         nonlocal out
-        out = t if out is None else out + t
+        out = t if out is None else out.add_(t)
 
     for u, v in zip(l1, l2, strict=True):
         if u.grads:
@@ -601,7 +611,7 @@ def _self(f: tuple) -> Any:
 
     def add(t: Any) -> None:
         nonlocal out
-        out = t if out is None else out + t
+        out = t if out is None else out.add_(t)
 
     for u in layers:
         if u.grads:
@@ -641,12 +651,19 @@ def _tensor(spec: Any, x: Any) -> Any:
 
 
 def _rows(loaded: Loaded, x: Any, outs: list[int] | None) -> tuple[int, int]:
-    """Rows per block (features of a block and the temporaries of a pair of blocks within
-    :data:`MEMORY_BUDGET`) and the bytes of one example's features, measured on one example."""
+    """Rows per block and the bytes of one example's features, measured on one example. A
+    block's features, the temporaries of a pair of blocks, and the autograd temporaries of
+    computing a block's features (the cotangents of every captured layer's input and output
+    for each output asked, about twice over) each stay within :data:`MEMORY_BUDGET`."""
     one = _features(loaded, x[:1], outs)
     per_row = max(1, _nbytes(one))
     per_pair = _pair_bytes(one) * _count(one)
-    rows = min(MEMORY_BUDGET // per_row, int(np.sqrt(MEMORY_BUDGET // per_pair)))
+    transient = max(1, loaded.transient[_count(one)])
+    rows = min(
+        MEMORY_BUDGET // per_row,
+        int(np.sqrt(MEMORY_BUDGET // per_pair)),
+        MEMORY_BUDGET // transient,
+    )
     return max(1, rows), per_row
 
 
@@ -667,7 +684,7 @@ def per_output_cross(spec: Any, x1: Any, x2: Any, *, outputs: list[int] | None =
             return np.zeros((0 if outputs is None else len(outputs), len(t1), len(t2)))
         rows, per_row = _rows(loaded, t1, outputs)
         blocks2 = [(c0, t2[c0 : c0 + rows]) for c0 in range(0, len(t2), rows)]
-        keep = len(t2) * per_row <= MEMORY_BUDGET  # x2's features, kept for every row block
+        keep = len(t2) * per_row <= 2 * MEMORY_BUDGET  # x2's features, for every row block
         cache: dict[int, tuple] = {}
         out = None
         for r0 in range(0, len(t1), rows):
@@ -686,7 +703,8 @@ def per_output_cross(spec: Any, x1: Any, x2: Any, *, outputs: list[int] | None =
                 with torch.no_grad():
                     k = _pair(f1, f2)
                 out[:, r0 : r0 + rows, c0 : c0 + len(b2)] = k.numpy()
-    return out / spec.prior_precision
+    out /= spec.prior_precision
+    return out
 
 
 def _count(f: tuple) -> int:
