@@ -52,7 +52,15 @@ def dataset(seed: int) -> tuple[np.ndarray, ...]:
 
 def train(x: np.ndarray, y: np.ndarray, delta: float, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = net().double()
+    return fit(net().double(), x, y, SIGMA, delta)
+
+
+def fit(
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, sigma: float, delta: float
+) -> torch.nn.Module:
+    """``model`` (float64) trained in place to its MAP by full-batch L-BFGS on
+    ``sum (y - f)^2 / (2 sigma^2) + delta / 2 |w|^2``: the Gaussian likelihood of noise
+    ``sigma`` and the prior N(0, I / delta) whose Laplace-GP nngp_dist computes."""
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)[:, None]
     opt = torch.optim.LBFGS(
         model.parameters(),
@@ -66,7 +74,7 @@ def train(x: np.ndarray, y: np.ndarray, delta: float, seed: int) -> torch.nn.Mod
     def closure() -> torch.Tensor:
         opt.zero_grad()
         w = torch.cat([p.flatten() for p in model.parameters()])
-        loss = ((model(xt) - yt) ** 2).sum() / (2 * SIGMA**2) + 0.5 * delta * (w @ w)
+        loss = ((model(xt) - yt) ** 2).sum() / (2 * sigma**2) + 0.5 * delta * (w @ w)
         loss.backward()
         return loss
 
