@@ -76,7 +76,7 @@ def _du(path: str) -> float:
 def run_nngp(a: argparse.Namespace) -> dict:
     data = _data(a)
     delta = _delta(a)
-    if Path(a.store).exists():
+    if Path(a.store).exists() and not a.resume:
         shutil.rmtree(a.store)  # a fresh store: the run is timed from nothing
     start = time.perf_counter()
     report = jobs.run(
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--val", type=int, default=1000, help="select: validation images")
     p.add_argument("--deltas", type=float, nargs="+", default=[3, 10, 30, 100, 300, 1000])
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="nngp: resume the store's run")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

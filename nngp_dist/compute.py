@@ -181,9 +181,11 @@ def run_output_tile(
         group = workers.open_group(sub.url, sub.token, flush=True)
         _whole_tiles(group, tile.array)[target] = v
         written.append(group)
+    del values
     seconds = max(time.perf_counter() - start, 1e-9)
     for group in written:
         group[record(tile.array)][tile.index] = seconds
+    workers.release_memory()
     return seconds
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "TaskContext",
     "Warmup",
     "open_group",
+    "release_memory",
     "store_task",
     "store_token",
     "task_key",
@@ -151,6 +152,15 @@ def tune_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)
     return bool(ok)
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``), after a task whose
+    temporaries were large: a trained network's tile frees gigabytes of autograd and feature
+    tensors, whose pages the tuned allocator would otherwise keep, and a worker whose resident
+    memory stays above Dask's pause threshold gets no more tasks."""
+    if tune_allocator():
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class FlushingStore(LocalStore):
