@@ -73,13 +73,9 @@ def _du(path: str) -> float:
     return int(out.stdout.split()[0]) / 1e9
 
 
-def run_nngp(a: argparse.Namespace) -> dict:
-    data = _data(a)
-    delta = _delta(a)
-    if Path(a.store).exists() and not a.resume:
-        shutil.rmtree(a.store)  # a fresh store: the run is timed from nothing
-    start = time.perf_counter()
-    report = jobs.run(
+def _laplace_run(a: argparse.Namespace, data: datasets.Dataset, delta: float, progress: bool):
+    """``run --arch trained --likelihood classification`` of the network into ``a.store``."""
+    return jobs.run(
         a.store,
         dataset=data,
         arch="trained",
@@ -91,8 +87,17 @@ def run_nngp(a: argparse.Namespace) -> dict:
         dtype="float64",
         workers=a.workers,
         memory_limit=a.memory_limit,
-        progress=a.progress,
+        progress=progress,
     )
+
+
+def run_nngp(a: argparse.Namespace) -> dict:
+    data = _data(a)
+    delta = _delta(a)
+    if Path(a.store).exists() and not a.resume:
+        shutil.rmtree(a.store)  # a fresh store: the run is timed from nothing
+    start = time.perf_counter()
+    report = _laplace_run(a, data, delta, a.progress)
     wall = time.perf_counter() - start
     ks = KernelStore.open(a.store)
     mean, var = ks.read(MEAN), ks.read(VARIANCE)
@@ -132,20 +137,7 @@ def run_select(a: argparse.Namespace) -> dict:
     for delta in a.deltas:
         if Path(a.store).exists():
             shutil.rmtree(a.store)
-        rep = jobs.run(
-            a.store,
-            dataset=data,
-            arch="trained",
-            model=f"{a.net}.pt2",
-            input_shape=INPUT_SHAPE,
-            prior_precision=delta,
-            likelihood="classification",
-            tile_size=a.tile_size,
-            dtype="float64",
-            workers=a.workers,
-            memory_limit=a.memory_limit,
-            progress=False,
-        )
+        rep = _laplace_run(a, data, delta, False)
         keys = ("accuracy", "nll", "ece", "map_nll", "log_marginal_likelihood")
         rows.append({"prior_precision": delta, **{k: rep[k] for k in keys}})
         print(json.dumps(rows[-1]), flush=True)

@@ -274,10 +274,7 @@ def _windowed(
             except CorruptStore:
                 raise  # its own remedy, not a re-run
             except Exception as e:
-                raise JobError(
-                    f"{fut.key} failed: {type(e).__name__}: {e}\nTiles finished before it are "
-                    "kept; re-run the same command to resume."
-                ) from e
+                raise _failed(fut.key, e) from e
             bar.update()
             nxt = next(pending, None)
             if nxt is not None:
@@ -350,10 +347,15 @@ def _local(fn: Any, tile: Tile, *args: Any) -> Any:
     except CorruptStore:
         raise  # its own remedy, not a re-run
     except Exception as e:
-        raise JobError(
-            f"{tile} failed: {type(e).__name__}: {e}\nTiles finished before it are "
-            "kept; re-run the same command to resume."
-        ) from e
+        raise _failed(tile, e) from e
+
+
+def _failed(what: Any, e: Exception) -> JobError:
+    """The :class:`JobError` of a failed tile task ``what``: what is kept, how to resume."""
+    return JobError(
+        f"{what} failed: {type(e).__name__}: {e}\nTiles finished before it are kept; re-run "
+        "the same command to resume."
+    )
 
 
 def probe(spec: Spec, data: Any, dtype: str) -> None:
