@@ -417,7 +417,7 @@ solve_options = _section(
         type=click.Choice(["accuracy", "mse", "lml"]),
         default=None,
         help="Noise grid criterion [default: accuracy with a validation split, "
-        "else the log marginal likelihood].",
+        "else lml: the marginal likelihood at each noise's fitted output scale].",
     ),
 )
 
@@ -632,14 +632,23 @@ def cancel(store: str, scheduler: str | None) -> None:
     click.echo(f"job {rec['job']} on {rec['store']}: cancelled ({rec['outcome']})")
 
 
+def _grid_lml(row: dict) -> str:
+    """A noise grid row's marginal likelihood: at its fitted output scale (the criterion),
+    or at scale 1 for a selection recorded before the scale was fitted per noise."""
+    if "log_marginal_likelihood_scaled" in row:
+        return f"lml {row['log_marginal_likelihood_scaled']:.6g} (scale {row['output_scale']:.4g})"
+    return f"lml {row['log_marginal_likelihood']:.6g} (scale 1)"
+
+
 def _report(r: dict) -> None:
     if "accuracy" in r:
         click.echo(f"accuracy:  {r['accuracy']:.4f}")
     click.echo(f"mse:       {r['mse']:.6g}")
-    lml = r["log_marginal_likelihood"]
+    lml, scaled = r["log_marginal_likelihood"], r.get("log_marginal_likelihood_scaled")
     click.echo(
         "log marginal likelihood: "
         + (f"{lml:.6g}" if lml is not None else "n/a (CG computes no log-determinant)")
+        + (f" (at the fitted output scale: {scaled:.6g})" if scaled is not None else "")
     )
     click.echo(f"noise:     {r['noise']:g} (relative), {r['n_train']} train, {r['n_test']} test")
     scale = r.get("output_scale")
@@ -659,11 +668,7 @@ def _report(r: dict) -> None:
         )
         for row in sel["grid"]:
             mark = "*" if row["noise"] == sel["chosen"] else " "
-            cells = (
-                [f"lml {row['log_marginal_likelihood']:.6g}"]
-                if row["result"] == "ok"
-                else [row["result"]]
-            )
+            cells = [_grid_lml(row)] if row["result"] == "ok" else [row["result"]]
             for k in ("validation_accuracy", "validation_mse"):
                 if k in row:
                     cells.append(f"{k.split('_')[1]} {row[k]:.4g}")
@@ -895,6 +900,10 @@ def _show_status(st: dict) -> None:
     if "factor_tiles" in st:
         f = st["factor_tiles"]
         click.echo(f"factor:  {f['done']} / {f['total']} tiles")
+    if st.get("noise_grid"):
+        g = st["noise_grid"]
+        noises = ", ".join(f"{x:g}" for x in g["noises"])
+        click.echo(f"noise grid: {g['done']} of {len(g['noises'])} factored ({noises}; by lml)")
     if blocks:
         click.echo(f"predict: {blocks_text}")
     if st.get("outputs"):

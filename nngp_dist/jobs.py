@@ -28,7 +28,7 @@ from .layout import ALPHA, KERNEL_ARRAYS, Y_TEST, Y_TRAIN
 from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
-from .select import check_options, noise_grid
+from .select import check_options, in_memory, noise_grid
 from .solvers import cg
 from .solvers.cholesky import NotPositiveDefinite, factorize
 from .storage import KernelStore, normalize_url, utcnow
@@ -305,12 +305,16 @@ def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -
         # leaves a store that says it is unsolved, never one that reports old results.
         ks.prepare_solve(t_train)
         selection, chosen = None, opts.noise[0]
-        if opts.selects:
-            selection = noise_grid(
-                ks, c, list(opts.noise), validation_size=opts.validation_size, select_by=by
-            )
-            chosen = selection["chosen"]
-        record = _SOLVERS[opts.method](ks, c, chosen, t_train, opts, progress)
+        if opts.selects and not in_memory(ks.meta["n_train"]):
+            record, selection = _factored_grid(ks, c, t_train, opts, progress)
+        else:
+            if opts.selects:
+                selection = noise_grid(
+                    ks, c, list(opts.noise), validation_size=opts.validation_size, select_by=by
+                )
+                chosen = selection["chosen"]
+            record = _SOLVERS[opts.method](ks, c, chosen, t_train, opts, progress)
+        ks.update_meta(noise_grid=None)
         record.update(
             selection=selection,
             seconds=round(time.perf_counter() - start, 3),
@@ -321,6 +325,31 @@ def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -
         return {**record, **_about(ks)}
 
     return with_client(go, **cluster)
+
+
+def _factored_grid(
+    ks: KernelStore, c: Any, t_train: np.ndarray, opts: SolveOptions, progress: bool
+) -> tuple[dict, dict]:
+    """An ``lml`` noise grid above the in-memory size: each noise one out-of-core Cholesky
+    factorisation of all the training points, chosen by the marginal likelihood at its fitted
+    output scale; the chosen noise is factored again unless it was the last one. Each finished
+    row is kept in the store's ``noise_grid`` attribute, so a killed grid resumes at the noise
+    it was factoring (and that factorisation where it stopped)."""
+    options = _solve_options(opts)
+    kept = ks.meta.get("noise_grid") or {}
+    rows = list(kept.get("rows", [])) if kept.get("options") == options else []
+    record: dict = {}
+    keys = ("noise_abs", "log_marginal_likelihood", "log_marginal_likelihood_scaled")
+    for noise in opts.noise[len(rows) :]:
+        record = _solve_cholesky(ks, c, noise, t_train, opts, progress)
+        row = {"noise": noise, "noise_used": record["noise"], "result": "ok"}
+        rows.append({**row, **{k: record[k] for k in (*keys, "output_scale")}})
+        ks.update_meta(noise_grid={"options": options, "rows": rows})
+    best = max(rows, key=lambda r: r["log_marginal_likelihood_scaled"])
+    if best is not rows[-1] or not record:
+        record = _solve_cholesky(ks, c, best["noise"], t_train, opts, progress)
+    selection = {"grid": rows, "chosen": best["noise"], "select_by": "lml", "validation_size": 0}
+    return record, selection
 
 
 def _about(ks: KernelStore) -> dict:
@@ -348,6 +377,12 @@ def _solve_inputs(ks: KernelStore, opts: SolveOptions) -> tuple[np.ndarray, str]
     by = opts.select_by or ("accuracy" if opts.validation_size and n_classes else "lml")
     if opts.selects:
         check_options(ks.meta["n_train"], opts.validation_size, by, n_classes is not None)
+        if not in_memory(ks.meta["n_train"]) and opts.method != "cholesky":
+            raise UserError(
+                "a noise grid above the in-memory size is chosen by the marginal likelihood of "
+                "one Cholesky factorisation per noise; CG computes no log-determinant. Use "
+                "--method cholesky, or give one --noise"
+            )
     return targets(y_train, n_classes), by
 
 
@@ -367,6 +402,7 @@ def _solve_cholesky(
         "noise_requested": noise,
         "attempts": factor["attempts"],
         "log_marginal_likelihood": solution["log_marginal_likelihood"],
+        "log_marginal_likelihood_scaled": solution["log_marginal_likelihood_scaled"],
         "output_scale": solution["output_scale"],
     }
     if factor["noise_rel"] != noise:
@@ -430,7 +466,8 @@ def predict(
 ) -> dict:
     """Posterior means and variances of the test points, metrics; optionally a JSON report.
 
-    The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood``,
+    The report has ``accuracy`` (classification), ``mse``, ``log_marginal_likelihood`` (at
+    the prior's scale 1), ``log_marginal_likelihood_scaled`` (at the fitted scale),
     ``output_scale`` (the prior's scale fitted by maximum likelihood), ``calibration`` (test
     points binned by predictive variance, ``output_scale * (variance + noise_abs)``),
     ``noise``, ``n_train``, ``n_test``, ``variance_clamped``, ``seconds`` (per stage this
@@ -477,6 +514,7 @@ def _predict(
         report = {
             **(metrics(ks, bins=opts.bins) if score else {}),
             "log_marginal_likelihood": solved["log_marginal_likelihood"],
+            "log_marginal_likelihood_scaled": solved.get("log_marginal_likelihood_scaled"),
             "output_scale": solved.get("output_scale"),
             "noise": solved["noise"],
             "noise_abs": solved["noise_abs"],

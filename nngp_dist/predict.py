@@ -58,6 +58,7 @@ __all__ = [
     "metrics",
     "output_scale",
     "predict_block_size",
+    "scaled_log_marginal_likelihood",
     "predict_test",
     "solve_alpha",
     "targets",
@@ -78,6 +79,16 @@ def log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -> float
     """``log p(T)`` of ``C`` independent output columns of ``n`` targets under
     ``N(0, K + s I)``: ``quad = tr(T' (K + s I)^-1 T)``, ``logdet = log det(K + s I)``."""
     return -0.5 * quad - 0.5 * c * logdet - 0.5 * c * n * math.log(2 * math.pi)
+
+
+def scaled_log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -> float:
+    """``log p(T)`` under ``N(0, s2 (K + s I))`` with the output scale ``s2`` at its maximum
+    ``quad / (n C)`` (:func:`output_scale`): the marginal likelihood maximised over the scale,
+    so that choosing the noise by it fits the noise and the scale jointly (type-II maximum
+    likelihood). Scaling the covariance by ``s2`` divides ``quad`` by it and adds
+    ``n log s2`` to the log-determinant."""
+    s2 = quad / (n * c)
+    return log_marginal_likelihood(quad / s2, logdet + n * math.log(s2), n, c)
 
 
 def output_scale(t_train: np.ndarray, alpha: np.ndarray) -> float:
@@ -112,15 +123,16 @@ def _solve_alpha(ctx: TaskContext, g: Any) -> dict:
 
 
 def solve_alpha(store: KernelStore, *, client: Any) -> dict:
-    """Write ``alpha`` from the factor; return the log marginal likelihood and output scale."""
+    """Write ``alpha`` from the factor; return the log marginal likelihood (at the prior's
+    scale 1, and at the fitted scale) and the output scale."""
     ctx = TaskContext.of(store)
     c = store.array(T_TRAIN).shape[1]
     parts = client.submit(_solve_alpha, ctx, key=ctx.key("alpha"), pure=False).result()
+    quad, logdet = parts["quad"], parts["logdet"]
     return {
-        "log_marginal_likelihood": log_marginal_likelihood(
-            parts["quad"], parts["logdet"], ctx.n, c
-        ),
-        "output_scale": parts["quad"] / (ctx.n * c),
+        "log_marginal_likelihood": log_marginal_likelihood(quad, logdet, ctx.n, c),
+        "log_marginal_likelihood_scaled": scaled_log_marginal_likelihood(quad, logdet, ctx.n, c),
+        "output_scale": quad / (ctx.n * c),
     }
 
 

@@ -3,13 +3,17 @@
 With ``K_fit`` the kernel of the training points not held out for validation, each noise s
 gives ``alpha(s) = (K_fit + s I)^-1 T``, the log marginal likelihood
 ``-1/2 tr(T' alpha) - C/2 log det(K_fit + s I) - C N/2 log 2 pi``, and the held-out points'
-predictions ``K_val,fit alpha(s)`` (their accuracy and MSE).
+predictions ``K_val,fit alpha(s)`` (their accuracy and MSE). ``--select-by lml`` compares the
+likelihoods at the output scale fitted for each noise (``s2 = tr(T' alpha) / (N C)``, which the
+posterior then uses): the noise and the scale are fitted jointly, by type-II maximum likelihood.
+At the prior's scale 1 instead, a larger noise would stand in for the missing scale.
 
 One eigendecomposition would serve every value at once, but costs about 20 factorisations
 (benchmarks/RESULTS.md), and grids hold 3 to 6 values. The validation split is the last ``V``
 training examples (as Lee et al. and Garriga-Alonso et al. held out the last 10,000 of MNIST's
-training set). The factorisations run on one worker in memory, so the grid is for N up to about
-20,000 (a 3.2 GB matrix and its factor).
+training set). The factorisations run on one worker in memory, so this is for N up to about
+20,000 (a 3.2 GB matrix and its factor); above that, ``solve`` evaluates an ``lml`` grid by one
+out-of-core factorisation per noise.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 from .errors import UserError
 from .layout import K_TRAIN_TRAIN, Y_TEST, Y_TRAIN
-from .predict import log_marginal_likelihood, targets
+from .predict import log_marginal_likelihood, scaled_log_marginal_likelihood, targets
 from .storage import KernelStore, read_checked
 from .tiling import symmetric
 from .workers import TaskContext, store_task
 
-__all__ = ["MAX_GRID_N", "check_options", "noise_grid", "noisy_solve"]
+__all__ = ["MAX_GRID_N", "check_options", "in_memory", "noise_grid", "noisy_solve"]
 
 MAX_GRID_N = 20000
 
@@ -85,8 +89,8 @@ def _grid_task(
             rows.append({"noise_abs": s, "result": "not positive definite"})
             continue
         alpha, logdet = solved
-        lml = log_marginal_likelihood(float((t_fit * alpha).sum()), logdet, n_fit, c)
-        row = {"noise_abs": s, "result": "ok", "log_marginal_likelihood": lml}
+        quad = float((t_fit * alpha).sum())
+        row = {"noise_abs": s, "result": "ok", **_lml_row(quad, logdet, n_fit, c)}
         if n_fit < n:
             mean = k_val @ alpha
             row["validation_mse"] = float(((mean - tt[n_fit:]) ** 2).mean())
@@ -96,15 +100,34 @@ def _grid_task(
     return rows
 
 
+def _lml_row(quad: float, logdet: float, n: int, c: int) -> dict:
+    """A grid row's marginal likelihoods from ``quad = tr(T' (K + s I)^-1 T)`` and
+    ``log det(K + s I)``: at the prior's scale 1, and at the scale fitted for this noise
+    (``output_scale``), by which ``--select-by lml`` chooses."""
+    return {
+        "log_marginal_likelihood": log_marginal_likelihood(quad, logdet, n, c),
+        "log_marginal_likelihood_scaled": scaled_log_marginal_likelihood(quad, logdet, n, c),
+        "output_scale": quad / (n * c),
+    }
+
+
+def in_memory(n: int) -> bool:
+    """Whether a noise grid over ``n`` training points is evaluated in memory on one worker;
+    above :data:`MAX_GRID_N`, only ``--select-by lml`` is offered, and each noise is one
+    out-of-core factorisation (:func:`nngp_dist.jobs.solve`)."""
+    return n <= MAX_GRID_N
+
+
 def check_options(n: int, validation_size: int, select_by: str, labels: bool) -> None:
     """:class:`UserError` for a grid that cannot be evaluated, before anything runs."""
     if not 0 <= validation_size < n - 1:
         raise UserError(f"--validation-size {validation_size} must be between 0 and {n - 2}")
-    if n > MAX_GRID_N:
+    if not in_memory(n) and (validation_size or select_by != "lml"):
         raise UserError(
-            f"a noise grid factors the kernel of the {n} training points in memory on one "
-            f"worker, which is for N up to {MAX_GRID_N}; give one --noise and no "
-            "--validation-size, or a smaller --train-size"
+            f"a validation split factors the kernel of the {n} training points in memory on "
+            f"one worker, which is for N up to {MAX_GRID_N}; above that, a noise grid is "
+            "chosen by --select-by lml with no --validation-size (each noise one out-of-core "
+            "factorisation), or give one --noise, or a smaller --train-size"
         )
     if select_by not in ("accuracy", "mse", "lml"):
         raise UserError(f"--select-by must be accuracy, mse or lml, got {select_by!r}")
@@ -120,7 +143,8 @@ def noise_grid(
     """Evaluate every relative noise in ``noises``; return the table and the chosen noise.
 
     ``select_by`` is ``accuracy`` (validation accuracy; needs a validation split and labels),
-    ``mse`` (validation MSE) or ``lml`` (the log marginal likelihood of the fitted points).
+    ``mse`` (validation MSE) or ``lml`` (the log marginal likelihood of the fitted points, at
+    the output scale fitted for each noise: noise and scale fitted jointly).
     """
     ctx = TaskContext.of(store)
     n = ctx.n
@@ -141,7 +165,7 @@ def noise_grid(
     key = {
         "accuracy": "validation_accuracy",
         "mse": "validation_mse",
-        "lml": "log_marginal_likelihood",
+        "lml": "log_marginal_likelihood_scaled",
     }
     best = (min if select_by == "mse" else max)(ok, key=lambda r: r[key[select_by]])
     return {

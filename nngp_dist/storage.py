@@ -394,7 +394,8 @@ class KernelStore:
         return "done"
 
     def solver_progress(self) -> dict:
-        """Factor tiles done and prediction blocks done, for ``status``."""
+        """Factor tiles done, prediction blocks done, per-output stores' stages and an
+        out-of-core noise grid's noises done, for ``status``."""
         out = {}
         if self.has(record(CHOL)):
             rec = ~np.isnan(self.read(record(CHOL)))
@@ -411,6 +412,10 @@ class KernelStore:
             stages.append(sub.status()["stage"])
         if stages:
             out["outputs"] = stages
+        grid = self.meta.get("noise_grid")  # an out-of-core lml grid under way
+        if grid:
+            noises = grid["options"]["noise"]
+            out["noise_grid"] = {"noises": noises, "done": len(grid["rows"])}
         return out
 
     # --- arrays: the only way other modules reach the group ---------------------------------

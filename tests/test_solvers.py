@@ -442,10 +442,76 @@ def test_noise_grid_against_brute_force(tmp_path, client):
     report = jobs.predict(str(store), client=client, progress=False)
     check_against_scipy(store, sel["chosen"], report)
     by_lml = jobs.solve(str(store), noise=grid, select_by="lml", client=client, progress=False)
-    best = max(by_lml["selection"]["grid"], key=lambda r: r["log_marginal_likelihood"])
-    assert by_lml["noise"] == best["noise"]
+    check_lml_grid(store, by_lml, grid, 160)
     with pytest.raises(UserError, match="needs a validation split"):
         jobs.solve(str(store), noise=grid, select_by="accuracy", client=client, progress=False)
+
+
+def scaled_lml_oracle(store, rel, n):
+    """The marginal likelihood of the first ``n`` points maximised over the output scale s2,
+    numerically (SciPy's multivariate normal, bounded scalar search on log s2): the oracle
+    for the grid's ``log_marginal_likelihood_scaled`` and ``output_scale``."""
+    from scipy.optimize import minimize_scalar
+    from scipy.stats import multivariate_normal
+
+    ds = nngp_dist.open_store(str(store))
+    k, y = ds.k_train_train.values[:n, :n], ds.y_train.values[:n]
+    t = targets(y, int(max(ds.y_train.values.max(), ds.y_test.values.max()) + 1))
+    cov = k + rel * ds.k_train_diag.values.mean() * np.eye(n)
+
+    def nll(log_s2):
+        dist = multivariate_normal(np.zeros(n), np.exp(log_s2) * cov)
+        return -sum(dist.logpdf(t[:, j]) for j in range(t.shape[1]))
+
+    best = minimize_scalar(nll, bounds=(-12, 12), method="bounded", options={"xatol": 1e-10})
+    return -best.fun, float(np.exp(best.x))
+
+
+def check_lml_grid(store, rec, grid, n):
+    """Every row's scaled LML and output scale against the oracle; the chosen noise is the
+    oracle's best, and the final solve used it."""
+    rows = rec["selection"]["grid"]
+    want = [scaled_lml_oracle(store, rel, n) for rel in grid]
+    for row, rel, (lml, s2) in zip(rows, grid, want, strict=True):
+        assert row["noise"] == rel
+        assert row["log_marginal_likelihood_scaled"] == pytest.approx(lml, rel=1e-7)
+        assert row["output_scale"] == pytest.approx(s2, rel=1e-4)
+    chosen = grid[int(np.argmax([w[0] for w in want]))]
+    assert rec["selection"]["chosen"] == chosen and rec["noise"] == chosen
+    assert rec["selection"]["select_by"] == "lml"
+
+
+def test_out_of_core_lml_grid_fits_noise_and_scale_and_resumes(tmp_path, client, monkeypatch):
+    """Above the in-memory size, an lml grid factors the store once per noise: each row's
+    likelihood at its fitted scale against SciPy, the chosen noise's factor in the store; a
+    grid stopped after its first noise resumes there, keeping the finished row."""
+    from nngp_dist import select
+
+    monkeypatch.setattr(select, "MAX_GRID_N", 100)
+    store = make_kernel(tmp_path, client, n=130, m=20, tile=32)
+    grid = [4e-2, 1e-2, 2e-2]  # here the likelihood at scale 1 would choose 4e-2
+    with pytest.raises(UserError, match="--select-by lml with no --validation-size"):
+        jobs.solve(str(store), noise=grid, validation_size=30, client=client, progress=False)
+    with pytest.raises(UserError, match="CG computes no log-determinant"):
+        jobs.solve(str(store), noise=grid, method="cg", client=client, progress=False)
+    rec = jobs.solve(str(store), noise=grid, select_by="lml", client=client, progress=False)
+    check_lml_grid(store, rec, grid, 130)
+    at_one = max(rec["selection"]["grid"], key=lambda r: r["log_marginal_likelihood"])
+    assert at_one["noise"] != rec["noise"]  # the scale fitted per noise changed the choice
+    assert KernelStore.open(str(store)).meta["noise_grid"] is None  # done: nothing to resume
+    report = jobs.predict(str(store), client=client, progress=False)
+    check_against_scipy(store, rec["noise"], report)  # the factor left is the chosen noise's
+
+    # A grid killed while factoring its second noise: the first row is in the store.
+    first = dict(rec["selection"]["grid"][0], log_marginal_likelihood_scaled=1e300)
+    options = jobs._solve_options(jobs.SolveOptions.checked(noise=grid, select_by="lml"))
+    ks = KernelStore.open(str(store), "r+")
+    ks.update_meta(noise_grid={"options": options, "rows": [first]})
+    assert ks.status()["noise_grid"] == {"noises": grid, "done": 1}  # what status says
+    again = jobs.solve(str(store), noise=grid, select_by="lml", client=client, progress=False)
+    assert again["selection"]["grid"][0] == first  # kept, not recomputed
+    assert again["noise"] == grid[0]  # the kept row wins, so its noise is factored again
+    check_against_scipy(store, grid[0], jobs.predict(str(store), client=client, progress=False))
 
 
 def test_switching_between_cg_and_cholesky(tmp_path, client):
