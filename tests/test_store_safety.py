@@ -17,6 +17,8 @@ from nngp_dist import KernelStore, UserError, jobs, lock
 from nngp_dist.layout import CHOL, CREATING, LOCK, MEAN, PREDICT, record
 from nngp_dist.verify import verify
 
+from .test_checksums import RUN  # the same small end-to-end run
+
 SMALL = [
     "--dataset",
     "demo",
@@ -176,19 +178,6 @@ def test_a_creation_killed_before_its_identity_was_written_is_redone(tmp_path):
     (store / "zarr.json").unlink()
     (store / CREATING).write_text("2026-01-01T00:00:00+00:00")
     assert KernelStore.check(str(store), {}) == "create"
-
-
-RUN = {
-    "dataset": "demo",
-    "train_size": 300,
-    "test_size": 50,
-    "tile_size": 100,
-    "depth": 2,
-    "weight_var": 1.6,
-    "bias_var": 0.2,
-    "noise": 1e-3,
-    "progress": False,
-}
 
 
 def _chunk_times(store, name):
