@@ -89,12 +89,13 @@ def store_caption(meta: dict) -> str:
     """Dataset, sizes, network and hyperparameters of a solved store, in one line."""
     spec, solved = meta["spec"], meta.get("solve") or {}
     net = spec["arch"] if spec.get("depth") is None else f"{spec['arch']} depth {spec['depth']}"
-    noise = solved.get("noise")
+    noise, sel = solved.get("noise"), solved.get("selection")
+    chosen = f" (chosen by {sel['select_by']})" if sel else ""
     return (
         f"{meta['dataset']}, N = {meta['n_train']:,} train / {meta['n_test']:,} test; "
         f"{net} {spec['activation']['name']} {spec['kernel'].upper()}, "
         f"$\\sigma_w^2$ = {spec['weight_var']:g}, $\\sigma_b^2$ = {spec['bias_var']:g}"
-        + ("" if noise is None else f", relative noise {noise:g}")
+        + ("" if noise is None else f", relative noise {noise:g}{chosen}")
     )
 
 

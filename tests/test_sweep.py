@@ -245,10 +245,13 @@ def test_ties_against_a_hand_made_grid():
 
 
 def test_captions_and_class_names(finished_store):
-    caption = store_caption(KernelStore.open(str(finished_store)).meta)
+    meta = KernelStore.open(str(finished_store)).meta
+    caption = store_caption(meta)
     for part in ("demo", "N = 300 train / 120 test", "fc depth 2 relu NNGP", "1.6", "0.2"):
         assert part in caption
-    assert "relative noise 0.01" in caption
+    assert caption.endswith("relative noise 0.01")
+    meta["solve"] = {**meta["solve"], "selection": {"select_by": "lml", "chosen": 0.01}}
+    assert store_caption(meta).endswith("relative noise 0.01 (chosen by lml)")
     assert datasets.class_names("fashion-mnist", [0, 9, 6]) == [
         "T-shirt/top",
         "Ankle boot",
