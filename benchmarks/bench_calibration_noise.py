@@ -1,0 +1,165 @@
+"""How the noise shapes calibration: every noise of a grid from one eigendecomposition.
+
+Computes the depth-8 ReLU NNGP of the 50k run on the first N Fashion-MNIST training images and
+M test images into a store (``jobs.kernel``), reads the kernel back, and eigendecomposes it
+once (``K = Q diag(lam) Q'``). Each relative noise s then costs only matrix products: the
+posterior mean ``K_*D Q diag(1/(lam+s)) Q'T``, variance ``k_** - sum_i (K_*D Q)_i^2/(lam_i+s)``,
+the output scale ``s2 = tr(T'(K+sI)^-1 T)/(NC)`` and the log marginal likelihood at scale 1
+and at ``s2`` (the ``--select-by lml`` criterion). Per noise it records the test accuracy and
+the calibration ratios (realised / predicted squared error) in equal-count bins of the targets'
+predictive variance ``s2 (var + s)``, as ``nngp-dist predict`` reports them.
+
+At the noise the likelihood prefers it also records, as a diagnostic of what no single noise
+can do, the ratios after an isotonic map from predicted variance to squared error fitted on
+one half of the test points and applied to the other (and the other way round): a held-out
+recalibration, which the product does not do.
+
+    python benchmarks/bench_calibration_noise.py --train-size 10000 --test-size 10000 \\
+        --store /tmp/nngp-bench/cal10k.zarr --json /tmp/cal10k.json
+
+With ``--solved`` instead, it reads a solved and predicted store (the 50k run's) and prints its
+bins' ratios with 95% bootstrap intervals, and the same two-fold isotonic diagnostic:
+
+    python benchmarks/bench_calibration_noise.py --solved /work/stores/fm50k.zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import nngp_dist
+from nngp_dist import jobs
+from nngp_dist.predict import targets
+
+NOISES = (1e-3, 1.6e-3, 2.5e-3, 4e-3, 6.3e-3, 1e-2, 1.6e-2, 2.5e-2, 4e-2, 1e-1)
+
+
+def ratios(pv: np.ndarray, sq: np.ndarray, bins: int) -> list[float]:
+    """Realised over predicted squared error in equal-count bins of predicted variance."""
+    order = np.argsort(pv, kind="stable")
+    return [float(sq[i].mean() / pv[i].mean()) for i in np.array_split(order, bins)]
+
+
+def held_out_isotonic(pv: np.ndarray, sq: np.ndarray, bins: int, seed: int = 0) -> list[float]:
+    """Ratios after a two-fold isotonic recalibration of the variance (a diagnostic)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    halves = np.array_split(np.random.default_rng(seed).permutation(len(pv)), 2)
+    cal = np.empty_like(pv)
+    for fit, apply in ((0, 1), (1, 0)):
+        iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-12)
+        iso.fit(np.log(pv[halves[fit]]), sq[halves[fit]])
+        cal[halves[apply]] = iso.predict(np.log(pv[halves[apply]]))
+    return ratios(cal, sq, bins)
+
+
+def solved_bins(store: str, bins: int, resamples: int = 2000) -> None:
+    """A predicted store's calibration bins with bootstrap intervals, and the diagnostic."""
+    from nngp_dist import KernelStore
+    from nngp_dist.layout import MEAN, Y_TEST
+    from nngp_dist.predict import predictive_variance
+
+    ks = KernelStore.open(store)
+    pv, y = predictive_variance(ks), ks.read(Y_TEST)
+    mean = ks.read(MEAN, complete=True)
+    sq = ((mean - targets(y, mean.shape[1])) ** 2).mean(1)
+    rng = np.random.default_rng(0)
+    print("ratio  95% bootstrap interval")
+    for b in np.array_split(np.argsort(pv, kind="stable"), bins):
+        boot = [
+            sq[i].mean() / pv[i].mean() for i in (rng.choice(b, len(b)) for _ in range(resamples))
+        ]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        print(f"{sq[b].mean() / pv[b].mean():.3f}  {lo:.3f}-{hi:.3f}")
+    print("two-fold isotonic: " + " ".join(f"{x:.2f}" for x in held_out_isotonic(pv, sq, bins)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-size", type=int, default=10000)
+    p.add_argument("--test-size", type=int, default=10000)
+    p.add_argument("--store", help="Where to compute the kernel.")
+    p.add_argument("--noises", type=float, nargs="+", default=list(NOISES))
+    p.add_argument("--bins", type=int, default=20)
+    p.add_argument("--json", help="Where to write the rows.")
+    p.add_argument("--solved", help="Only report the bins of this solved, predicted store.")
+    a = p.parse_args()
+    if a.solved:
+        solved_bins(a.solved, a.bins)
+        return
+    if not (a.store and a.json):
+        p.error("--store and --json are required (or --solved)")
+    start = time.perf_counter()
+    spec = {"depth": 8, "weight_var": 2.0, "bias_var": 0.0}
+    jobs.kernel(
+        a.store,
+        dataset="fashion-mnist",
+        train_size=a.train_size,
+        test_size=a.test_size,
+        progress=False,
+        workers=2,
+        **spec,
+    )
+    ds = nngp_dist.open_store(a.store)
+    k, ks = ds.k_train_train.values, ds.k_test_train.values
+    kss, mean_diag = ds.k_test_diag.values, float(ds.k_train_diag.values.mean())
+    y, y_test = ds.y_train.values, ds.y_test.values
+    t, truth = targets(y, 10), targets(y_test, 10)
+    lam, q = np.linalg.eigh(k)
+    del k
+    qt, p_ = q.T @ t, ks @ q
+    n, c = t.shape
+    rows = []
+    for rel in a.noises:
+        s = rel * mean_diag
+        w = 1.0 / (lam + s)
+        quad, logdet = float((qt**2 * w[:, None]).sum()), float(np.log(lam + s).sum())
+        s2 = quad / (n * c)
+        mean = p_ @ (w[:, None] * qt)
+        pv = s2 * (kss - (p_ * p_) @ w + s)
+        sq = ((mean - truth) ** 2).mean(1)
+        r = ratios(pv, sq, a.bins)
+        rows.append(
+            {
+                "noise": rel,
+                "lml": -0.5 * quad - 0.5 * c * logdet - 0.5 * c * n * np.log(2 * np.pi),
+                "lml_scaled": -0.5 * c * n * (1 + np.log(2 * np.pi * s2)) - 0.5 * c * logdet,
+                "output_scale": s2,
+                "accuracy": float((mean.argmax(1) == y_test).mean()),
+                "ratios": r,
+                "within_1.5": int(sum(1 / 1.5 <= x <= 1.5 for x in r)),
+            }
+        )
+        row = rows[-1]
+        print(
+            f"noise {rel:<8g} lml {row['lml']:11.1f}  at s2: {row['lml_scaled']:11.1f}  "
+            f"s2 {s2:6.3f}  accuracy {row['accuracy']:.4f}  ratios {min(r):.2f}-{max(r):.2f}  "
+            f"{row['within_1.5']}/{a.bins} within 1.5",
+            flush=True,
+        )
+    best = max(rows, key=lambda r: r["lml_scaled"])
+    s = best["noise"] * mean_diag
+    w = 1.0 / (lam + s)
+    mean = p_ @ (w[:, None] * qt)
+    pv = best["output_scale"] * (kss - (p_ * p_) @ w + s)
+    iso = held_out_isotonic(pv, ((mean - truth) ** 2).mean(1), a.bins)
+    print(f"at {best['noise']:g}, two-fold isotonic: " + " ".join(f"{x:.2f}" for x in iso))
+    doc = {
+        "train_size": a.train_size,
+        "test_size": a.test_size,
+        "spec": spec,
+        "rows": rows,
+        "best_by_lml_scaled": best["noise"],
+        "isotonic_ratios": iso,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    with open(a.json, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
