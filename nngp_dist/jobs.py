@@ -243,8 +243,10 @@ def solve(store: str, *, progress: bool = True, reuse: bool = False, **options: 
     ``noise`` may be a list (or a comma-separated string) of values: each is then evaluated by
     one in-memory Cholesky factorisation (:mod:`nngp_dist.select`), on a validation split of
     the last ``validation_size`` training examples or by the marginal likelihood, ``select_by``
-    (default: validation accuracy when there is a split and labels, else ``lml``), and the
-    solve uses the chosen one on all the training examples.
+    (default: validation accuracy when there is a split and labels, else ``lml``: the
+    likelihood at each noise's fitted output scale), and the solve uses the chosen one on all
+    the training examples. Above :data:`~nngp_dist.select.MAX_GRID_N` training points only
+    ``lml`` is offered, each noise one out-of-core factorisation (a killed grid resumes).
 
     ``noise`` is relative to the mean training diagonal (default ``nngp-dist.noise``).
     ``method="cholesky"`` factors K + s I into the store (on a non-positive pivot it restarts
