@@ -636,7 +636,9 @@ def _grid_lml(row: dict) -> str:
     """A noise grid row's marginal likelihood: at its fitted output scale (the criterion),
     or at scale 1 for a selection recorded before the scale was fitted per noise."""
     if "log_marginal_likelihood_scaled" in row:
-        return f"lml {row['log_marginal_likelihood_scaled']:.6g} (scale {row['output_scale']:.4g})"
+        lml = row["log_marginal_likelihood_scaled"]
+        text = "unbounded (every target zero)" if lml is None else f"{lml:.6g}"
+        return f"lml {text} (scale {row['output_scale']:.4g})"
     return f"lml {row['log_marginal_likelihood']:.6g} (scale 1)"
 
 

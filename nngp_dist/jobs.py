@@ -28,7 +28,7 @@ from .layout import ALPHA, KERNEL_ARRAYS, Y_TEST, Y_TRAIN
 from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, take
 from .predict import metrics, output_scale, predict_test, solve_alpha, targets
-from .select import check_options, in_memory, noise_grid
+from .select import best_by_lml, check_options, in_memory, noise_grid
 from .solvers import cg
 from .solvers.cholesky import NotPositiveDefinite, factorize
 from .storage import KernelStore, normalize_url, utcnow
@@ -347,7 +347,7 @@ def _factored_grid(
         row = {"noise": noise, "noise_used": record["noise"], "result": "ok"}
         rows.append({**row, **{k: record[k] for k in (*keys, "output_scale")}})
         ks.update_meta(noise_grid={"options": options, "rows": rows})
-    best = max(rows, key=lambda r: r["log_marginal_likelihood_scaled"])
+    best = best_by_lml(rows)
     if best is not rows[-1] or not record:
         record = _solve_cholesky(ks, c, best["noise"], t_train, opts, progress)
     selection = {"grid": rows, "chosen": best["noise"], "select_by": "lml", "validation_size": 0}

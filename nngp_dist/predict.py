@@ -81,13 +81,16 @@ def log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -> float
     return -0.5 * quad - 0.5 * c * logdet - 0.5 * c * n * math.log(2 * math.pi)
 
 
-def scaled_log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -> float:
+def scaled_log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -> float | None:
     """``log p(T)`` under ``N(0, s2 (K + s I))`` with the output scale ``s2`` at its maximum
     ``quad / (n C)`` (:func:`output_scale`): the marginal likelihood maximised over the scale,
     so that choosing the noise by it fits the noise and the scale jointly (type-II maximum
     likelihood). Scaling the covariance by ``s2`` divides ``quad`` by it and adds
-    ``n log s2`` to the log-determinant."""
+    ``n log s2`` to the log-determinant. None where every target is zero (``quad = 0``): the
+    likelihood then grows without bound as the scale goes to zero."""
     s2 = quad / (n * c)
+    if not s2 > 0:
+        return None
     return log_marginal_likelihood(quad / s2, logdet + n * math.log(s2), n, c)
 
 

@@ -18,6 +18,7 @@ out-of-core factorisation per noise.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .storage import KernelStore, read_checked
 from .tiling import symmetric
 from .workers import TaskContext, store_task
 
-__all__ = ["MAX_GRID_N", "check_options", "in_memory", "noise_grid", "noisy_solve"]
+__all__ = ["MAX_GRID_N", "best_by_lml", "check_options", "in_memory", "noise_grid", "noisy_solve"]
 
 MAX_GRID_N = 20000
 
@@ -111,11 +112,22 @@ def _lml_row(quad: float, logdet: float, n: int, c: int) -> dict:
     }
 
 
+def _score(value: float | None) -> float:
+    """A row's criterion for max / min: a likelihood that is None (every target zero, no
+    scale to fit) ranks below every number, so the first such row is kept."""
+    return -math.inf if value is None else value
+
+
 def in_memory(n: int) -> bool:
     """Whether a noise grid over ``n`` training points is evaluated in memory on one worker;
     above :data:`MAX_GRID_N`, only ``--select-by lml`` is offered, and each noise is one
     out-of-core factorisation (:func:`nngp_dist.jobs.solve`)."""
     return n <= MAX_GRID_N
+
+
+def best_by_lml(rows: list[dict]) -> dict:
+    """The row with the largest likelihood at its fitted output scale."""
+    return max(rows, key=lambda r: _score(r["log_marginal_likelihood_scaled"]))
 
 
 def check_options(n: int, validation_size: int, select_by: str, labels: bool) -> None:
@@ -167,7 +179,7 @@ def noise_grid(
         "mse": "validation_mse",
         "lml": "log_marginal_likelihood_scaled",
     }
-    best = (min if select_by == "mse" else max)(ok, key=lambda r: r[key[select_by]])
+    best = (min if select_by == "mse" else max)(ok, key=lambda r: _score(r[key[select_by]]))
     return {
         "grid": rows,
         "chosen": best["noise"],

@@ -584,3 +584,14 @@ def test_a_resumed_factorisation_bar_starts_at_the_done_count(tmp_path, client, 
     assert bars == [("cholesky", total, 0)]
     jobs.solve(str(store), noise=1e-3, client=client, progress=True)  # resumes: all done
     assert bars[-1] == ("cholesky", total, total)
+
+
+def test_scaled_lml_of_all_zero_targets_is_unbounded_and_ranks_last():
+    """Zero targets: the likelihood grows without bound as the scale goes to 0 (None, not a
+    division by zero), and a grid prefers any row with a finite likelihood."""
+    from nngp_dist.predict import scaled_log_marginal_likelihood
+    from nngp_dist.select import best_by_lml
+
+    assert scaled_log_marginal_likelihood(0.0, -87.9, 30, 1) is None
+    rows = [{"log_marginal_likelihood_scaled": None}, {"log_marginal_likelihood_scaled": -3.0}]
+    assert best_by_lml(rows) is rows[1]
