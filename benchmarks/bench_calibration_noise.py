@@ -33,7 +33,8 @@ import numpy as np
 
 import nngp_dist
 from nngp_dist import jobs
-from nngp_dist.predict import targets
+from nngp_dist.predict import likelihoods, targets
+from nngp_dist.select import best_by_lml
 
 NOISES = (1e-3, 1.6e-3, 2.5e-3, 4e-3, 6.3e-3, 1e-2, 1.6e-2, 2.5e-2, 4e-2, 1e-1)
 
@@ -113,47 +114,35 @@ def main() -> None:
     del k
     qt, p_ = q.T @ t, ks @ q
     n, c = t.shape
-    rows = []
+    rows, errors = [], {}
     for rel in a.noises:
         s = rel * mean_diag
         w = 1.0 / (lam + s)
         quad, logdet = float((qt**2 * w[:, None]).sum()), float(np.log(lam + s).sum())
-        s2 = quad / (n * c)
+        row = {"noise": rel, **likelihoods(quad, logdet, n, c)}
         mean = p_ @ (w[:, None] * qt)
-        pv = s2 * (kss - (p_ * p_) @ w + s)
-        sq = ((mean - truth) ** 2).mean(1)
-        r = ratios(pv, sq, a.bins)
-        rows.append(
-            {
-                "noise": rel,
-                "lml": -0.5 * quad - 0.5 * c * logdet - 0.5 * c * n * np.log(2 * np.pi),
-                "lml_scaled": -0.5 * c * n * (1 + np.log(2 * np.pi * s2)) - 0.5 * c * logdet,
-                "output_scale": s2,
-                "accuracy": float((mean.argmax(1) == y_test).mean()),
-                "ratios": r,
-                "within_1.5": int(sum(1 / 1.5 <= x <= 1.5 for x in r)),
-            }
-        )
-        row = rows[-1]
+        pv = row["output_scale"] * (kss - (p_ * p_) @ w + s)
+        errors[rel] = pv, ((mean - truth) ** 2).mean(1)  # for the diagnostic below
+        r = ratios(*errors[rel], a.bins)
+        row["accuracy"] = float((mean.argmax(1) == y_test).mean())
+        row.update(ratios=r, within_1_5=sum(1 / 1.5 <= x <= 1.5 for x in r))
+        rows.append(row)
         print(
-            f"noise {rel:<8g} lml {row['lml']:11.1f}  at s2: {row['lml_scaled']:11.1f}  "
-            f"s2 {s2:6.3f}  accuracy {row['accuracy']:.4f}  ratios {min(r):.2f}-{max(r):.2f}  "
-            f"{row['within_1.5']}/{a.bins} within 1.5",
+            f"noise {rel:<8g} lml {row['log_marginal_likelihood']:11.1f}  at s2: "
+            f"{row['log_marginal_likelihood_scaled']:11.1f}  s2 {row['output_scale']:6.3f}  "
+            f"accuracy {row['accuracy']:.4f}  ratios {min(r):.2f}-{max(r):.2f}  "
+            f"{row['within_1_5']}/{a.bins} within 1.5",
             flush=True,
         )
-    best = max(rows, key=lambda r: r["lml_scaled"])
-    s = best["noise"] * mean_diag
-    w = 1.0 / (lam + s)
-    mean = p_ @ (w[:, None] * qt)
-    pv = best["output_scale"] * (kss - (p_ * p_) @ w + s)
-    iso = held_out_isotonic(pv, ((mean - truth) ** 2).mean(1), a.bins)
+    best = best_by_lml(rows)
+    iso = held_out_isotonic(*errors[best["noise"]], a.bins)
     print(f"at {best['noise']:g}, two-fold isotonic: " + " ".join(f"{x:.2f}" for x in iso))
     doc = {
         "train_size": a.train_size,
         "test_size": a.test_size,
         "spec": spec,
         "rows": rows,
-        "best_by_lml_scaled": best["noise"],
+        "best_by_lml": best["noise"],
         "isotonic_ratios": iso,
         "seconds": round(time.perf_counter() - start, 1),
     }

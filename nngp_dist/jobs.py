@@ -329,6 +329,15 @@ def _solve(ks: KernelStore, opts: SolveOptions, progress: bool, cluster: dict) -
     return with_client(go, **cluster)
 
 
+# What a factored grid's row keeps of each noise's solve record.
+_GRID_KEYS = (
+    "noise_abs",
+    "log_marginal_likelihood",
+    "log_marginal_likelihood_scaled",
+    "output_scale",
+)
+
+
 def _factored_grid(
     ks: KernelStore, c: Any, t_train: np.ndarray, opts: SolveOptions, progress: bool
 ) -> tuple[dict, dict]:
@@ -341,11 +350,10 @@ def _factored_grid(
     kept = ks.meta.get("noise_grid") or {}
     rows = list(kept.get("rows", [])) if kept.get("options") == options else []
     record: dict = {}
-    keys = ("noise_abs", "log_marginal_likelihood", "log_marginal_likelihood_scaled")
     for noise in opts.noise[len(rows) :]:
         record = _solve_cholesky(ks, c, noise, t_train, opts, progress)
         row = {"noise": noise, "noise_used": record["noise"], "result": "ok"}
-        rows.append({**row, **{k: record[k] for k in (*keys, "output_scale")}})
+        rows.append({**row, **{k: record[k] for k in _GRID_KEYS}})
         ks.update_meta(noise_grid={"options": options, "rows": rows})
     best = best_by_lml(rows)
     if best is not rows[-1] or not record:
@@ -378,13 +386,8 @@ def _solve_inputs(ks: KernelStore, opts: SolveOptions) -> tuple[np.ndarray, str]
     n_classes = int(max(y_train.max(), y_test.max()) + 1) if y_train.dtype.kind in "iu" else None
     by = opts.select_by or ("accuracy" if opts.validation_size and n_classes else "lml")
     if opts.selects:
-        check_options(ks.meta["n_train"], opts.validation_size, by, n_classes is not None)
-        if not in_memory(ks.meta["n_train"]) and opts.method != "cholesky":
-            raise UserError(
-                "a noise grid above the in-memory size is chosen by the marginal likelihood of "
-                "one Cholesky factorisation per noise; CG computes no log-determinant. Use "
-                "--method cholesky, or give one --noise"
-            )
+        n, labels = ks.meta["n_train"], n_classes is not None
+        check_options(n, opts.validation_size, by, labels, opts.method)
     return targets(y_train, n_classes), by
 
 

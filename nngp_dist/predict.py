@@ -55,11 +55,12 @@ __all__ = [
     "calibration",
     "leading_alpha",
     "log_marginal_likelihood",
+    "likelihoods",
     "metrics",
     "output_scale",
     "predict_block_size",
-    "scaled_log_marginal_likelihood",
     "predict_test",
+    "scaled_log_marginal_likelihood",
     "solve_alpha",
     "targets",
 ]
@@ -92,6 +93,16 @@ def scaled_log_marginal_likelihood(quad: float, logdet: float, n: int, c: int) -
     if not s2 > 0:
         return None
     return log_marginal_likelihood(quad / s2, logdet + n * math.log(s2), n, c)
+
+
+def likelihoods(quad: float, logdet: float, n: int, c: int) -> dict:
+    """From ``quad = tr(T' (K + s I)^-1 T)`` and ``log det(K + s I)``: the log marginal
+    likelihood at the prior's scale 1, at the fitted scale, and that scale (``output_scale``)."""
+    return {
+        "log_marginal_likelihood": log_marginal_likelihood(quad, logdet, n, c),
+        "log_marginal_likelihood_scaled": scaled_log_marginal_likelihood(quad, logdet, n, c),
+        "output_scale": quad / (n * c),
+    }
 
 
 def output_scale(t_train: np.ndarray, alpha: np.ndarray) -> float:
@@ -131,12 +142,7 @@ def solve_alpha(store: KernelStore, *, client: Any) -> dict:
     ctx = TaskContext.of(store)
     c = store.array(T_TRAIN).shape[1]
     parts = client.submit(_solve_alpha, ctx, key=ctx.key("alpha"), pure=False).result()
-    quad, logdet = parts["quad"], parts["logdet"]
-    return {
-        "log_marginal_likelihood": log_marginal_likelihood(quad, logdet, ctx.n, c),
-        "log_marginal_likelihood_scaled": scaled_log_marginal_likelihood(quad, logdet, ctx.n, c),
-        "output_scale": quad / (ctx.n * c),
-    }
+    return likelihoods(parts["quad"], parts["logdet"], ctx.n, c)
 
 
 @store_task

@@ -26,7 +26,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 from .errors import UserError
 from .layout import K_TRAIN_TRAIN, Y_TEST, Y_TRAIN
-from .predict import log_marginal_likelihood, scaled_log_marginal_likelihood, targets
+from .predict import likelihoods, targets
 from .storage import KernelStore, read_checked
 from .tiling import symmetric
 from .workers import TaskContext, store_task
@@ -91,7 +91,7 @@ def _grid_task(
             continue
         alpha, logdet = solved
         quad = float((t_fit * alpha).sum())
-        row = {"noise_abs": s, "result": "ok", **_lml_row(quad, logdet, n_fit, c)}
+        row = {"noise_abs": s, "result": "ok", **likelihoods(quad, logdet, n_fit, c)}
         if n_fit < n:
             mean = k_val @ alpha
             row["validation_mse"] = float(((mean - tt[n_fit:]) ** 2).mean())
@@ -99,17 +99,6 @@ def _grid_task(
                 row["validation_accuracy"] = float((mean.argmax(1) == y[n_fit:]).mean())
         rows.append(row)
     return rows
-
-
-def _lml_row(quad: float, logdet: float, n: int, c: int) -> dict:
-    """A grid row's marginal likelihoods from ``quad = tr(T' (K + s I)^-1 T)`` and
-    ``log det(K + s I)``: at the prior's scale 1, and at the scale fitted for this noise
-    (``output_scale``), by which ``--select-by lml`` chooses."""
-    return {
-        "log_marginal_likelihood": log_marginal_likelihood(quad, logdet, n, c),
-        "log_marginal_likelihood_scaled": scaled_log_marginal_likelihood(quad, logdet, n, c),
-        "output_scale": quad / (n * c),
-    }
 
 
 def _score(value: float | None) -> float:
@@ -130,8 +119,11 @@ def best_by_lml(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: _score(r["log_marginal_likelihood_scaled"]))
 
 
-def check_options(n: int, validation_size: int, select_by: str, labels: bool) -> None:
-    """:class:`UserError` for a grid that cannot be evaluated, before anything runs."""
+def check_options(
+    n: int, validation_size: int, select_by: str, labels: bool, method: str = "cholesky"
+) -> None:
+    """:class:`UserError` for a grid that cannot be evaluated, before anything runs
+    (``method``: the solve's, which evaluates a grid above the in-memory size)."""
     if not 0 <= validation_size < n - 1:
         raise UserError(f"--validation-size {validation_size} must be between 0 and {n - 2}")
     if not in_memory(n) and (validation_size or select_by != "lml"):
@@ -140,6 +132,12 @@ def check_options(n: int, validation_size: int, select_by: str, labels: bool) ->
             f"one worker, which is for N up to {MAX_GRID_N}; above that, a noise grid is "
             "chosen by --select-by lml with no --validation-size (each noise one out-of-core "
             "factorisation), or give one --noise, or a smaller --train-size"
+        )
+    if not in_memory(n) and method != "cholesky":
+        raise UserError(
+            "a noise grid above the in-memory size is chosen by the marginal likelihood of "
+            "one Cholesky factorisation per noise; CG computes no log-determinant. Use "
+            "--method cholesky, or give one --noise"
         )
     if select_by not in ("accuracy", "mse", "lml"):
         raise UserError(f"--select-by must be accuracy, mse or lml, got {select_by!r}")
