@@ -14,6 +14,7 @@ import click
 
 from ._version import __version__
 from .errors import CorruptStore, UserError
+from .layout import LOO_SIZE
 
 ACTIVATION_HELP = (
     "relu, leaky_relu:ALPHA, erf, tanh, gelu, linear, or module:function for any elementwise "
@@ -471,6 +472,14 @@ predict_options = _options(
             show_default=True,
             help="Calibration bins (test points binned by predicted variance).",
         ),
+        click.option(
+            "--loo-size",
+            type=int,
+            default=LOO_SIZE,
+            show_default=True,
+            help="Training points whose leave-one-out predictions fit the variance "
+            "recalibration (0: none).",
+        ),
     ),
 )
 
@@ -658,11 +667,19 @@ def _report(r: dict) -> None:
         click.echo(f"output scale: {scale:.6g} (the prior's scale, by maximum likelihood)")
     if r["variance_clamped"]:
         click.echo(f"warning: {r['variance_clamped']} negative variances clamped to zero", err=True)
+    loo = r.get("loo")
+    if loo:
+        acc = f"accuracy {loo['accuracy']:.4f}, " if "accuracy" in loo else ""
+        click.echo(f"leave-one-out: {loo['size']} training points, {acc}mse {loo['mse']:.6g}")
+    elif r.get("loo_skipped"):
+        click.echo(f"leave-one-out: none ({r['loo_skipped']}), so no recalibrated variances")
     what = "scale x (variance + noise)" if scale is not None else "variance"
     click.echo(f"calibration (test points binned by predictive variance, {what}):")
-    click.echo("  mean variance    realised mse    count")
-    for b in r["calibration"]:
-        click.echo(f"  {b['mean_variance']:13.6g}  {b['mse']:14.6g}  {b['count']:7d}")
+    recal = r.get("calibration_recalibrated") or [None] * len(r["calibration"])
+    click.echo("  mean variance    recalibrated    realised mse    count")
+    for b, rb in zip(r["calibration"], recal):
+        again = f"{rb['mean_variance']:14.6g}" if rb else f"{'-':>14}"
+        click.echo(f"  {b['mean_variance']:13.6g}  {again}  {b['mse']:14.6g}  {b['count']:7d}")
     sel = r.get("selection")
     if sel:
         click.echo(
@@ -797,9 +814,14 @@ def figures(sizes: str | None, **options: Any) -> None:
             else ""
         )
         click.echo(f"n_train {row['n_train']:>7d}: {acc}mse {row['mse']:.5g}")
-    click.echo("calibration (predicted variance, realised mse, realised / predicted):")
-    for b in r["calibration"]:
-        click.echo(f"  {b['mean_variance']:10.4g} {b['mse']:10.4g} {b['ratio']:7.3f}")
+    recal = r["calibration_recalibrated"]
+    click.echo(
+        "calibration (predicted variance, realised mse, realised / predicted"
+        + (", and recalibrated: variance, ratio):" if recal else "):")
+    )
+    for b, rb in zip(r["calibration"], recal or [None] * len(r["calibration"])):
+        again = f" {rb['mean_variance']:10.4g} {rb['ratio']:7.3f}" if rb else ""
+        click.echo(f"  {b['mean_variance']:10.4g} {b['mse']:10.4g} {b['ratio']:7.3f}{again}")
     for k, v in r["files"].items():
         click.echo(f"{k}: {v}")
 

@@ -5,7 +5,8 @@ Each figure's caption names the dataset, the sizes, the network and its hyperpar
 * ``calibration.png``: the targets' predictive variance (with the fitted output scale, as
   ``predict`` reports it) against the realised squared error, per equal-count bin of test points
   sorted by predicted variance (Lee et al. 2018, figure 4); a calibrated GP lies on the diagonal,
-  and the band marks a factor 1.5 either side.
+  and the band marks a factor 1.5 either side. With leave-one-out predictions in the store, the
+  same bins again with the recalibrated variances (``nngp_dist.predict.recalibration``).
 * ``kernel.png``: the kernel of a sample of training points sorted by class (ticks name the
   classes), as correlations k(x, x') / sqrt(k(x, x) k(x', x')).
 * ``learning-curve.png``: test accuracy (or MSE) against the number of training points, with
@@ -250,19 +251,30 @@ def calibration_ratios(cal: list[dict]) -> list[float]:
     return [b["mse"] / b["mean_variance"] if b["mean_variance"] > 0 else math.inf for b in cal]
 
 
-def _calibration_png(store: KernelStore, path: str, bins: int) -> tuple[str, list[dict]]:
+def _calibration_png(
+    store: KernelStore, path: str, bins: int
+) -> tuple[str, list[dict], list[dict] | None]:
     plt = _pyplot()
-    cal = metrics(store, bins=bins)["calibration"]
+    found = metrics(store, bins=bins)
+    cal, recal = found["calibration"], found["calibration_recalibrated"]
     scale = (store.meta.get("solve") or {}).get("output_scale")
     v = np.array([b["mean_variance"] for b in cal])
     e = np.array([b["mse"] for b in cal])
+    rv = np.array([b["mean_variance"] for b in recal]) if recal else v
     ratio = calibration_ratios(cal)
     fig, ax = plt.subplots(figsize=(5.4, 5.0))
-    lo, hi = 0.8 * min(v.min(), e.min()), 1.25 * max(v.max(), e.max())
+    lo = 0.8 * min(v.min(), e.min(), rv.min())
+    hi = 1.25 * max(v.max(), e.max(), rv.max())
     grid = np.geomspace(lo, hi, 50) if lo > 0 else np.linspace(lo, hi, 50)
     ax.fill_between(grid, grid / 1.5, grid * 1.5, color="0.9", label="within a factor 1.5")
     ax.plot(grid, grid, color="0.5", lw=1, label="calibrated (realised = predicted)")
-    ax.plot(v, e, "o-", ms=4, label=f"{len(cal)} equal-count bins of test points")
+    ax.plot(v, e, "o-", ms=4, label=f"GP variance ({len(cal)} equal-count bins of test points)")
+    caption = f"Realised / predicted per bin: GP {min(ratio):.2f} to {max(ratio):.2f}"
+    if recal:
+        loo = found["loo"]
+        ax.plot(rv, e, "s--", ms=4, label=f"recalibrated (leave-one-out, {loo['size']} points)")
+        again = calibration_ratios(recal)
+        caption += f", recalibrated {min(again):.2f} to {max(again):.2f}"
     if lo > 0:
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
@@ -283,14 +295,12 @@ def _calibration_png(store: KernelStore, path: str, bins: int) -> tuple[str, lis
         )
     )
     ax.set_ylabel("realised mean squared error (per output)")
-    caption = (
-        store_caption(store.meta)
-        + f". Realised / predicted per bin: {min(ratio):.2f} to {max(ratio):.2f}."
-    )
-    _title(ax, "Calibration", caption, 62)
+    _title(ax, "Calibration", f"{store_caption(store.meta)}. {caption}.", 62)
     ax.legend(loc="upper left", fontsize=8)
     rows = [dict(b, ratio=r) for b, r in zip(cal, ratio, strict=True)]
-    return _save(fig, path), rows
+    if recal:
+        recal = [dict(b, ratio=r) for b, r in zip(recal, calibration_ratios(recal), strict=True)]
+    return _save(fig, path), rows, recal
 
 
 def _kernel_matrix(store: KernelStore, s: int) -> np.ndarray:
@@ -380,7 +390,8 @@ def figures(
     bins: int = 20,
 ) -> dict:
     """Write the PNGs this module describes into ``out``; return their paths, the learning curve
-    and the calibration bins (each with its ``ratio``, realised over predicted)."""
+    and the calibration bins (each with its ``ratio``, realised over predicted), raw and
+    recalibrated (None without leave-one-out predictions)."""
     ks = KernelStore.open(store)
     stage = ks.status()["stage"]
     if stage != "done":
@@ -404,7 +415,7 @@ def figures(
             f"run 'nngp-dist solve --store {store}' (without --method cg) first"
         )
     os.makedirs(out, exist_ok=True)
-    cal_png, cal = _calibration_png(ks, os.path.join(out, "calibration.png"), bins)
+    cal_png, cal, recal = _calibration_png(ks, os.path.join(out, "calibration.png"), bins)
     paths = {
         "calibration": cal_png,
         "kernel": _kernel_png(ks, os.path.join(out, "kernel.png"), sample),
@@ -422,4 +433,9 @@ def figures(
         paths["sweep"] = sweep_heatmap(
             rows, best["depth"], metric, ws, bs, png, settings=sweep_doc.get("settings")
         )
-    return {"files": paths, "learning_curve": curve, "calibration": cal}
+    return {
+        "files": paths,
+        "learning_curve": curve,
+        "calibration": cal,
+        "calibration_recalibrated": recal,
+    }

@@ -27,7 +27,7 @@ from .kernels import Spec
 from .layout import ALPHA, KERNEL_ARRAYS, Y_TEST, Y_TRAIN
 from .lock import check_free, store_lock
 from .options import ClusterOptions, PredictOptions, SolveOptions, take
-from .predict import metrics, output_scale, predict_test, solve_alpha, targets
+from .predict import metrics, output_scale, predict_loo, predict_test, solve_alpha, targets
 from .select import best_by_lml, check_options, in_memory, noise_grid
 from .solvers import cg
 from .solvers.cholesky import NotPositiveDefinite, factorize
@@ -507,14 +507,23 @@ def _predict(
     def go(c: Any) -> dict:
         start = time.perf_counter()
         ks.record_stage("predict", started=utcnow(), finished=None)
-        out = predict_test(ks, client=c, progress=progress, workers=worker_memory(c))
-        if out["variance_blocks_unconverged"]:
-            warnings.warn(
-                f"CG did not converge for the variances of {out['variance_blocks_unconverged']} "
-                "test block(s); raise --maxiter or --noise, or use --method cholesky",
-                UserWarning,
-                stacklevel=2,
-            )
+        out = {
+            **predict_test(ks, client=c, progress=progress, workers=worker_memory(c)),
+            **predict_loo(
+                ks, client=c, size=opts.loo_size, progress=progress, workers=worker_memory(c)
+            ),
+        }
+        for key, what in (
+            ("variance_blocks_unconverged", "the variances of"),
+            ("loo_blocks_unconverged", "the leave-one-out predictions of"),
+        ):
+            if out[key]:
+                warnings.warn(
+                    f"CG did not converge for {what} {out[key]} block(s); raise --maxiter or "
+                    "--noise, or use --method cholesky",
+                    UserWarning,
+                    stacklevel=2,
+                )
         solved = ks.meta["solve"]
         report = {
             **(metrics(ks, bins=opts.bins) if score else {}),
@@ -527,6 +536,9 @@ def _predict(
             "n_test": ks.meta["n_test"],
             "variance_clamped": out["variance_clamped"],
             "variance_blocks_unconverged": out["variance_blocks_unconverged"],
+            "loo_size": out["loo_size"],
+            "loo_skipped": out["loo_skipped"],
+            "loo_blocks_unconverged": out["loo_blocks_unconverged"],
             "selection": solved.get("selection"),
             "warnings": list(solved.get("warnings", [])),
         }

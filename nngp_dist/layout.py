@@ -27,6 +27,12 @@ __all__ = [
     "KERNEL_ARRAYS",
     "LAPLACE_SCALE",
     "LOCK",
+    "LOO",
+    "LOO_ARRAYS",
+    "LOO_INDEX",
+    "LOO_MEAN",
+    "LOO_SIZE",
+    "LOO_VARIANCE",
     "MEAN",
     "OUTPUTS",
     "PREDICT",
@@ -53,6 +59,16 @@ CHOL, CHOL_WORK = "chol", ("chol_work0", "chol_work1")
 CG_NYSTROM, CG_BLOCKJACOBI = "cg_nystrom", "cg_blockjacobi"
 # The predict stage.
 MEAN, VARIANCE = "mean", "variance"
+# The leave-one-out predictions of a subset of the training points (the predict stage), each
+# given all the other training points, which fit the variance recalibration: LOO_INDEX which
+# training points, LOO_MEAN and LOO_VARIANCE their mean and latent variance (as MEAN and
+# VARIANCE are for a test point), recorded per block in record(LOO).
+LOO_INDEX, LOO_MEAN, LOO_VARIANCE = "loo_index", "loo_mean", "loo_variance"
+LOO = "loo"
+# How many leave-one-out points by default (``--loo-size``): at 50,000 training points they cost
+# 95 s on 2 cores (a fifth of predicting 10,000 test points), and the map fitted on them held
+# every bin of the 10,000 test points within 1.25 of the diagonal (benchmarks/RESULTS.md).
+LOO_SIZE = 5000
 # The Laplace-GP posterior of a trained network: one store per output c in the group
 # OUTPUTS ("outputs/<c>", each a whole kernel store of kappa_c), whose LAPLACE_SCALE holds
 # sqrt(Lambda_c), the square root of each training point's noise precision.
@@ -94,7 +110,12 @@ DIMS = {
     MEAN: ("test", "output"),
     VARIANCE: ("test",),
     LAPLACE_SCALE: ("train",),
+    LOO_INDEX: ("loo",),
+    LOO_MEAN: ("loo", "output"),
+    LOO_VARIANCE: ("loo",),
 }
+# The leave-one-out arrays with their record: created, dropped and repaired together.
+LOO_ARRAYS = (LOO_INDEX, LOO_MEAN, LOO_VARIANCE, record(LOO))
 
 
 class ArrayDoc(NamedTuple):
@@ -107,7 +128,8 @@ class ArrayDoc(NamedTuple):
 
 
 # T is the tile edge, S the solvers' block (the attribute ``solve_block``), B the test points per
-# prediction task (``predict_block``), C the outputs (classes).
+# prediction task (``predict_block``), L the leave-one-out points (``loo_size``) and
+# L_B per leave-one-out task (``loo_block``), C the outputs (classes).
 ARRAYS = (
     ArrayDoc(
         f"`{X_TRAIN}`, `{X_TEST}`",
@@ -183,6 +205,15 @@ ARRAYS = (
         "sqrt of each training point's noise precision Lambda_c (1 / sigma for regression)",
     ),
     ArrayDoc(f"`{RECORDS}/{PREDICT}`", "(M / B,)", "1", "prediction block done (seconds)"),
+    ArrayDoc(
+        f"`{LOO_INDEX}`, `{LOO_MEAN}`, `{LOO_VARIANCE}`",
+        "(L,), (L, C), (L,)",
+        "(L_B,), (L_B, C), (L_B,)",
+        "leave-one-out predictions of L training points spread evenly over the training set "
+        "(which ones, mean, latent variance given the other N - 1): fit the variance "
+        "recalibration",
+    ),
+    ArrayDoc(f"`{RECORDS}/{LOO}`", "(L / L_B,)", "1", "leave-one-out block done (seconds)"),
 )
 
 

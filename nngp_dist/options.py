@@ -19,6 +19,7 @@ from typing import Any
 
 from . import config
 from .errors import UserError
+from .layout import LOO_SIZE
 from .storage import writable
 
 __all__ = [
@@ -135,17 +136,25 @@ class SolveOptions:
 
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
-    """What the predict stage reports: calibration ``bins``, and a JSON copy at ``json_path``."""
+    """What the predict stage reports: calibration ``bins``, and a JSON copy at ``json_path``;
+    ``loo_size`` training points predicted leave-one-out to fit the variance recalibration
+    (:func:`nngp_dist.predict.predict_loo`)."""
 
     json_path: str | None = None
     bins: int = 10
+    loo_size: int = LOO_SIZE
 
     @classmethod
-    def checked(cls, json_path: str | None = None, bins: int = 10) -> PredictOptions:
-        """Validated options: at least one bin, and a writable folder for the JSON report."""
+    def checked(
+        cls, json_path: str | None = None, bins: int = 10, loo_size: int = LOO_SIZE
+    ) -> PredictOptions:
+        """Validated options: at least one bin, no negative leave-one-out size, and a writable
+        folder for the JSON report."""
         if integer("--bins", bins) < 1:
             raise UserError(f"--bins must be at least 1, got {bins}")
-        return cls(report_path(json_path), int(bins))
+        if integer("--loo-size", loo_size) < 0:
+            raise UserError(f"--loo-size must be 0 (none) or more, got {loo_size}")
+        return cls(report_path(json_path), int(bins), int(loo_size))
 
 
 def report_path(json_path: str | None) -> str | None:

@@ -16,6 +16,16 @@ Laplace-GP posterior of a trained network) holds the factor of ``S K S + s I`` i
 ``(K + Lambda^-1)^-1 = S (S K S + I)^-1 S``: alpha and the forward solves of the variances
 apply S on both sides, and ``log det(K + Lambda^-1) = log det(S K S + I) - 2 sum log S``.
 
+Leave-one-out predictions (Rasmussen and Williams 2006, section 5.4.2) of ``L`` training points
+spread evenly over the training set give each one's predictive distribution given the other
+``N - 1`` without refitting: with ``P = (K + s I)^-1``, ``mean_i = t_i - alpha_i / P_ii`` and
+``var_i = 1 / P_ii - s`` (latent, as ``variance`` is for a test point), where ``P_ii =
+||U^-T e_i||^2`` is a forward solve that starts at point i's block (:func:`predict_loo`).
+Their squared errors against their predictive variances fit a non-decreasing (isotonic) map from
+predictive variance to expected squared error, :func:`recalibration`: the test points'
+recalibrated variances, fitted on training data alone (docs/science.md, Variance
+recalibration).
+
 A store solved by CG has no factor: its predictions solve ``(K + s I) Z = K_D*`` by PCG per
 block of test points instead (:func:`predict_test` picks the path from the solve record).
 Classification targets are one-hot with 0.9 for the true class and -0.1 elsewhere (Lee et al.);
@@ -30,6 +40,7 @@ from typing import Any
 
 import numpy as np
 from distributed import as_completed
+from scipy.optimize import isotonic_regression
 
 from .layout import (
     ALPHA,
@@ -37,11 +48,17 @@ from .layout import (
     K_TEST_DIAG,
     K_TEST_TRAIN,
     LAPLACE_SCALE,
+    LOO,
+    LOO_INDEX,
+    LOO_MEAN,
+    LOO_SIZE,
+    LOO_VARIANCE,
     MEAN,
     PREDICT,
     T_TRAIN,
     VARIANCE,
     Y_TEST,
+    Y_TRAIN,
     record,
 )
 from .progress import progress_bar
@@ -52,14 +69,21 @@ from .tiling import span
 from .workers import Recorded, TaskContext, store_task
 
 __all__ = [
+    "LOO_SIZE",
     "calibration",
+    "isotonic_map",
     "leading_alpha",
+    "loo_index",
     "log_marginal_likelihood",
     "likelihoods",
     "metrics",
     "output_scale",
     "predict_block_size",
+    "predict_loo",
     "predict_test",
+    "predictive_variance",
+    "recalibrated_variance",
+    "recalibration",
     "scaled_log_marginal_likelihood",
     "solve_alpha",
     "targets",
@@ -261,10 +285,122 @@ def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
     return {"variance_clamped": clamped, "variance_blocks_unconverged": unconverged}
 
 
-def calibration(variance: np.ndarray, sq_error: np.ndarray, bins: int = 10) -> list[dict]:
-    """Test points binned by predicted variance (equal counts): per bin the mean predicted
-    variance, the realised mean squared error and the count (Lee et al., figure 4)."""
-    order = np.argsort(variance, kind="stable")
+def loo_index(n: int, size: int) -> np.ndarray:
+    """``min(size, n)`` training points spread evenly over ``0 .. n - 1``, increasing (evenly
+    rather than at random: reproducible, and a training set ordered by class is still covered
+    evenly)."""
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.linspace(0, n - 1, size).round().astype(np.int64)  # distinct: step >= 1
+
+
+def _unit_columns(idx: np.ndarray, spans: list[slice]) -> list[np.ndarray]:
+    """The row blocks ``spans`` of the columns ``e_i``, i in ``idx``."""
+    out = []
+    for sl in spans:
+        e = np.zeros((sl.stop - sl.start, len(idx)))
+        inside = (idx >= sl.start) & (idx < sl.stop)
+        e[idx[inside] - sl.start, np.flatnonzero(inside)] = 1.0
+        out.append(e)
+    return out
+
+
+@store_task
+def _loo_block(ctx: TaskContext, g: Any, block: int, b: int, noise_abs: float) -> Recorded:
+    """Worker task: leave-one-out block ``b`` from the factor, ``P_ii = ||U^-T e_i||^2`` by a
+    forward solve from the block of the block's first point (the rows before it are zero)."""
+    rows = span(block, g[LOO_INDEX].shape[0], b)
+    idx = np.asarray(read_checked(g[LOO_INDEX], rows, url=ctx.url), dtype=np.int64)
+    start = int(idx[0]) // ctx.t
+    spans = [ctx.span(i) for i in range(start, ctx.blocks)]
+    w = Factor(g[CHOL], ctx.t, ctx.n, ctx.url).forward(_unit_columns(idx, spans), start)
+    precision = sum((wi * wi).sum(0) for wi in w)
+    tt = np.asarray(read_checked(g[T_TRAIN], url=ctx.url), dtype=np.float64)[idx]
+    alpha = np.asarray(read_checked(g[ALPHA], url=ctx.url), dtype=np.float64)[idx]
+    g[LOO_MEAN][rows] = tt - alpha / precision[:, None]
+    g[LOO_VARIANCE][rows] = np.maximum(1.0 / precision - noise_abs, 0.0)
+    return Recorded(LOO, b)
+
+
+def predict_loo(
+    store: KernelStore,
+    *,
+    client: Any,
+    size: int = LOO_SIZE,
+    progress: bool = True,
+    workers: tuple[int, int] = (1, 0),
+) -> dict:
+    """Write the leave-one-out predictions of ``size`` training points (:func:`loo_index`;
+    blocks already recorded are skipped), by the factor or, for a store solved by CG, by PCG.
+    Returns ``loo_size``, ``loo_skipped`` (why there are none: ``size`` 0, or a Laplace-GP
+    store, whose per-point noise the recalibration does not model) and
+    ``loo_blocks_unconverged`` (CG only)."""
+    meta = store.meta
+    if store.has(LAPLACE_SCALE) or not size:
+        store.prepare_loo(np.empty(0, np.int64), 1)
+        why = "--loo-size 0" if not size else "a per-point noise (Laplace-GP) store"
+        return {"loo_size": 0, "loo_skipped": why, "loo_blocks_unconverged": 0}
+    ctx = TaskContext.of(store)
+    index = loo_index(ctx.n, size)
+    by_cg = meta["solve"]["method"] == "cg"
+    block = predict_block_size(ctx.n, ctx.t, len(index), workers)
+    store.prepare_loo(index, min(block, CG_PREDICT_BLOCK) if by_cg else block)
+    block, noise_abs = store.meta["loo_block"], meta["solve"]["noise_abs"]
+    done = ~np.isnan(store.read(record(LOO)))
+    bar = progress_bar(len(done), int(done.sum()), progress, "leave-one-out", "block")
+    unconverged = 0
+    try:
+        if by_cg:
+            unconverged = _loo_cg(store, client, block, np.flatnonzero(~done), bar)
+        else:
+            futures = [
+                client.submit(
+                    _loo_block, ctx, block, int(b), noise_abs, pure=False, key=ctx.key("loo", b)
+                )
+                for b in np.flatnonzero(~done)
+            ]
+            try:
+                for _ in as_completed(futures):
+                    bar.update()
+            except BaseException:
+                client.cancel(futures)
+                raise
+    finally:
+        bar.close()
+    return {"loo_size": len(index), "loo_skipped": None, "loo_blocks_unconverged": unconverged}
+
+
+def _loo_cg(store: KernelStore, client: Any, block: int, todo: np.ndarray, bar: Any) -> int:
+    """Leave-one-out blocks of a store solved by CG: ``P e_i`` by PCG per block. Returns how
+    many blocks did not converge."""
+    meta, n = store.meta, store.meta["n_train"]
+    cg_log, noise_abs = meta["solve"]["cg"], meta["solve"]["noise_abs"]
+    system = StoreSystem(store, client, noise_abs, cg_log["preconditioner"])
+    index, tt = store.read(LOO_INDEX, complete=True), store.read(T_TRAIN)
+    alpha, unconverged = store.read(ALPHA, complete=True), 0
+    for b in todo:
+        start = time.perf_counter()
+        rows = span(block, len(index), int(b))
+        idx = index[rows]
+        e = _unit_columns(idx, [slice(0, n)])[0]
+        z, log = system.solve(e, tol=cg_log["tol"], maxiter=cg_log["maxiter"])
+        unconverged += not log["converged"]
+        precision = z[idx, np.arange(len(idx))]
+        store.array(LOO_MEAN)[rows] = tt[idx] - alpha[idx] / precision[:, None]
+        store.array(LOO_VARIANCE)[rows] = np.maximum(1.0 / precision - noise_abs, 0.0)
+        store.array(record(LOO))[int(b)] = max(time.perf_counter() - start, 1e-9)
+        bar.update()
+    return unconverged
+
+
+def calibration(
+    variance: np.ndarray, sq_error: np.ndarray, bins: int = 10, order_by: np.ndarray | None = None
+) -> list[dict]:
+    """Points binned by predicted variance (equal counts): per bin the mean predicted
+    variance, the realised mean squared error and the count (Lee et al., figure 4).
+    ``order_by``: bin by it instead (the raw variances, so that recalibrated variances, a
+    non-decreasing map of them with flat steps, fall in the same bins as the raw ones)."""
+    order = np.argsort(variance if order_by is None else order_by, kind="stable")
     out = []
     for idx in np.array_split(order, min(bins, len(order))):
         if len(idx):
@@ -278,27 +414,83 @@ def calibration(variance: np.ndarray, sq_error: np.ndarray, bins: int = 10) -> l
     return out
 
 
-def predictive_variance(store: KernelStore) -> np.ndarray:
-    """The test targets' predictive variance, ``s2 (variance + noise)``, with the prior's
-    scale ``s2`` fitted by maximum likelihood when the store was solved (the solve record's
-    ``output_scale``; stores solved before it was recorded give the stored variance)."""
+def predictive_variance(store: KernelStore, name: str = VARIANCE) -> np.ndarray:
+    """The targets' predictive variance, ``s2 (variance + noise)``, with the prior's scale
+    ``s2`` fitted by maximum likelihood when the store was solved (the solve record's
+    ``output_scale``; stores solved before it was recorded give the stored variance).
+    ``name``: ``variance`` (the test points) or ``loo_variance`` (the leave-one-out points)."""
     solved = store.meta["solve"]
-    var = store.read(VARIANCE, complete=True)
+    var = store.read(name, complete=True)
     scale = solved.get("output_scale")
     return var if scale is None else scale * (var + solved["noise_abs"])
 
 
+def isotonic_map(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares non-decreasing fit of ``y`` on ``x``, as knots: the distinct ``x``
+    (increasing) and the fit there (equal ``x`` pooled first, weighted by their count). Between
+    knots the map interpolates linearly, beyond them it holds the end values
+    (``np.interp(v, *isotonic_map(x, y))``)."""
+    knots, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=y) / counts
+    return knots, isotonic_regression(means, weights=counts.astype(np.float64)).x
+
+
+def _loo_errors(store: KernelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The leave-one-out points' indices, squared errors (mean over outputs) and predictive
+    variances; None when the store has none finished."""
+    if not store.has(record(LOO)) or np.isnan(store.read(record(LOO))).any():
+        return None
+    idx = store.read(LOO_INDEX, complete=True)
+    truth = store.read(T_TRAIN)[idx]
+    sq = ((store.read(LOO_MEAN, complete=True) - truth) ** 2).mean(axis=1)
+    return idx, sq, predictive_variance(store, LOO_VARIANCE)
+
+
+def recalibration(store: KernelStore) -> tuple[np.ndarray, np.ndarray] | None:
+    """The variance recalibration of a store with leave-one-out predictions: the knots of the
+    isotonic map from predictive variance to expected squared error, fitted on the
+    leave-one-out points (:func:`isotonic_map`); None without them."""
+    loo = _loo_errors(store)
+    return None if loo is None else isotonic_map(loo[2], loo[1])
+
+
+def recalibrated_variance(store: KernelStore) -> np.ndarray | None:
+    """The test points' predictive variances through :func:`recalibration`: the squared error
+    that training points of the same predictive variance made when left out; None without
+    leave-one-out predictions."""
+    knots = recalibration(store)
+    return None if knots is None else np.interp(predictive_variance(store), *knots)
+
+
 def metrics(store: KernelStore, bins: int = 10) -> dict:
     """Accuracy (classification), MSE and the calibration table from the stored posterior:
-    test points binned by predictive variance (:func:`predictive_variance`). The posterior is
-    read checked as complete: a result chunk deleted or never written is reported, not scored
-    as its fill value."""
+    test points binned by predictive variance (:func:`predictive_variance`), with their
+    recalibrated variances in the same bins (``calibration_recalibrated``), and the
+    leave-one-out points' scores and calibration (``loo``); the last two None without
+    leave-one-out predictions. The posterior is read checked as complete: a result chunk
+    deleted or never written is reported, not scored as its fill value."""
     mean = store.read(MEAN, complete=True)
     y = store.read(Y_TEST)
-    truth = targets(y, mean.shape[1]) if y.dtype.kind in "iu" else y.reshape(len(y), -1)
+    labels = y.dtype.kind in "iu"
+    truth = targets(y, mean.shape[1]) if labels else y.reshape(len(y), -1)
     sq = ((mean - truth) ** 2).mean(axis=1)
-    cal = calibration(predictive_variance(store), sq, bins)
-    out = {"mse": float(sq.mean()), "calibration": cal}
-    if y.dtype.kind in "iu":
+    raw = predictive_variance(store)
+    out = {"mse": float(sq.mean()), "calibration": calibration(raw, sq, bins)}
+    if labels:
         out["accuracy"] = float((mean.argmax(axis=1) == y).mean())
+    loo = _loo_errors(store)
+    out["calibration_recalibrated"] = out["loo"] = None
+    if loo is not None:
+        idx, loo_sq, loo_var = loo
+        recal = np.interp(raw, *isotonic_map(loo_var, loo_sq))
+        out["calibration_recalibrated"] = calibration(recal, sq, bins, order_by=raw)
+        out["loo"] = {
+            "size": len(idx),
+            "mse": float(loo_sq.mean()),
+            "calibration": calibration(loo_var, loo_sq, bins),
+        }
+        if labels:
+            loo_mean = store.read(LOO_MEAN, complete=True)
+            hits = loo_mean.argmax(axis=1) == store.read(Y_TRAIN)[idx]
+            out["loo"]["accuracy"] = float(hits.mean())
     return out

@@ -56,6 +56,11 @@ from .layout import (
     KERNEL_ARRAYS,
     LAPLACE_SCALE,
     LOCK,
+    LOO,
+    LOO_ARRAYS,
+    LOO_INDEX,
+    LOO_MEAN,
+    LOO_VARIANCE,
     MEAN,
     OUTPUTS,
     PREDICT,
@@ -391,6 +396,8 @@ class KernelStore:
             return "solved"
         if np.isnan(self.read(record(PREDICT))).any() or not meta.get("predict"):
             return "predict"
+        if self.has(record(LOO)) and np.isnan(self.read(record(LOO))).any():
+            return "predict"
         return "done"
 
     def solver_progress(self) -> dict:
@@ -406,6 +413,9 @@ class KernelStore:
         if self.has(record(PREDICT)):
             rec = ~np.isnan(self.read(record(PREDICT)))
             out["predict_blocks"] = {"done": int(rec.sum()), "total": int(rec.size)}
+        if self.has(record(LOO)):
+            rec = ~np.isnan(self.read(record(LOO)))
+            out["loo_blocks"] = {"done": int(rec.sum()), "total": int(rec.size)}
         stages = []  # a Laplace-GP's per-output stores, outputs/<c>
         while self.has(f"{OUTPUTS}/{len(stages)}/{record(K_TRAIN_TRAIN)}"):
             sub = KernelStore.open(f"{self.url}/{OUTPUTS}/{len(stages)}")
@@ -483,7 +493,7 @@ class KernelStore:
         if self.has(LAPLACE_SCALE) and np.array_equal(self.read(LAPLACE_SCALE), scale):
             return
         self.drop_factor()
-        self.drop(T_TRAIN, ALPHA, MEAN, VARIANCE, record(PREDICT))
+        self.drop(T_TRAIN, ALPHA, MEAN, VARIANCE, record(PREDICT), *LOO_ARRAYS)
         self.update_meta(factor=None, solve=None, predict=None)
         n, t = self.meta["n_train"], solve_block(self.meta)
         self._create(LAPLACE_SCALE, (n,), (t,), "float64", compress=False)
@@ -530,7 +540,7 @@ class KernelStore:
         for name in (T_TRAIN, ALPHA):
             self._create(name, (n, c), (t, c), "float64")
         self._group[T_TRAIN][...] = t_train
-        self.drop(MEAN, VARIANCE, record(PREDICT))
+        self.drop(MEAN, VARIANCE, record(PREDICT), *LOO_ARRAYS)
         meta = self.meta
         # The old predictions are gone: so is the record saying they were finished.
         stages = {k: v for k, v in meta.get("stages", {}).items() if k != "predict"}
@@ -595,6 +605,30 @@ class KernelStore:
             dims=("test_block",),
         )
         self.update_meta(predict_block=block, predict=None)
+
+    def prepare_loo(self, index: np.ndarray, block: int) -> None:
+        """Create the leave-one-out arrays for the training points ``index`` (increasing), ``block``
+        per task, unless present for these points and this block (then their finished blocks
+        stand). With no points, drop them."""
+        if not len(index):
+            self.drop(*LOO_ARRAYS)
+            return
+        if (
+            self.has(record(LOO))
+            and self.meta.get("loo_block") == block
+            and np.array_equal(self.read(LOO_INDEX, complete=True), index)
+        ):
+            return
+        self.drop(*LOO_ARRAYS)
+        n_loo, c = len(index), self._group[T_TRAIN].shape[1]
+        self._create(LOO_INDEX, (n_loo,), (block,), "int64", fill=-1)
+        self._group[LOO_INDEX][...] = index
+        self._create(LOO_MEAN, (n_loo, c), (block, c), "float64")
+        self._create(LOO_VARIANCE, (n_loo,), (block,), "float64")
+        self._create(
+            record(LOO), (-(-n_loo // block),), (1,), "float32", compress=False, dims=("loo_block",)
+        )
+        self.update_meta(loo_block=block, predict=None)
 
     # --- attributes (client side) ---------------------------------------------------------------
 

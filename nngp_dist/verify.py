@@ -5,8 +5,9 @@ A chunk is bad when it does not decode (its CRC-32C fails: a flipped bit, a trun
 foreign file; in a store made before checksums, a blosc stream that fails) or when it is
 missing or NaN though a record says it was written. Which chunks must be written follows from
 the records: the kernel's tiles recorded done, the factor's blocks recorded done (and the work
-tile each unfinished block's recorded updates are in), the prediction blocks recorded done,
-and, once a solve is recorded, ``t_train`` and ``alpha``.
+tile each unfinished block's recorded updates are in), the prediction and leave-one-out blocks
+recorded done (and every chunk of ``loo_index``), and, once a solve is recorded, ``t_train``
+and ``alpha``.
 
 A repair deletes each bad chunk (it then reads as not written) and forgets what depends on it:
 
@@ -17,7 +18,9 @@ A repair deletes each bad chunk (it then reads as not written) and forgets what 
   on, and the solution (the next solve of the same options recomputes those rows only);
 * ``t_train``, ``alpha``, a CG preconditioner's scratch or a Laplace noise scale: the
   solution (solved again);
-* a prediction block of ``mean`` or ``variance``, or its record: that block and the report.
+* a prediction block of ``mean`` or ``variance``, or its record: that block and the report;
+* a chunk of the leave-one-out arrays or their record: all of them (recomputed whole by the next
+  predict) and the report.
 
 The inputs (``x_*``, ``y_*``) cannot be recomputed from the store: a bad input chunk is reported
 and left, and the store must be made again (``--overwrite``).
@@ -40,6 +43,11 @@ from .layout import (
     CHOL_WORK,
     KERNEL_ARRAYS,
     LAPLACE_SCALE,
+    LOO,
+    LOO_ARRAYS,
+    LOO_INDEX,
+    LOO_MEAN,
+    LOO_VARIANCE,
     MEAN,
     PREDICT,
     T_TRAIN,
@@ -58,7 +66,7 @@ __all__ = ["verify"]
 INPUTS = (X_TRAIN, Y_TRAIN, X_TEST, Y_TEST)
 FACTOR = (CHOL, *CHOL_WORK, record(CHOL), record(CHOL_STEP))
 SOLUTION = (T_TRAIN, ALPHA, CG_NYSTROM, CG_BLOCKJACOBI, LAPLACE_SCALE)
-POSTERIOR = (MEAN, VARIANCE, record(PREDICT))
+POSTERIOR = (MEAN, VARIANCE, record(PREDICT), *LOO_ARRAYS)
 STAGES = ("kernel", "solve", "predict")
 
 
@@ -158,6 +166,13 @@ def _expected(ks: KernelStore) -> dict[str, dict[tuple[int, ...], bool | str]]:
             if ks.has(name):
                 tail = (0,) * (ks.array(name).ndim - 1)
                 out[name] = {(int(b), *tail): True for b in blocks}
+    if ks.has(record(LOO)):
+        blocks = np.flatnonzero(~np.isnan(_records(ks, record(LOO))))
+        out[LOO_INDEX] = {c: True for c in _all_chunks(ks.array(LOO_INDEX))}
+        for name in (LOO_MEAN, LOO_VARIANCE):
+            if ks.has(name):
+                tail = (0,) * (ks.array(name).ndim - 1)
+                out[name] = {(int(b), *tail): True for b in blocks}
     if meta.get("solve"):
         for name in (T_TRAIN, ALPHA):
             if ks.has(name):
@@ -172,7 +187,7 @@ def _all_chunks(arr: Any) -> list[tuple[int, ...]]:
 
 def _repair(ks: KernelStore, problems: list[dict]) -> None:
     """Delete each bad chunk and forget what depends on it (see the module's description)."""
-    first_row, solution, blocks = None, False, set()
+    first_row, solution, blocks, loo = None, False, set(), False
     for p in problems:
         name, coords = p["array"], tuple(p["tile"])
         stage = _stage(name)
@@ -185,6 +200,8 @@ def _repair(ks: KernelStore, problems: list[dict]) -> None:
             first_row = coords[0] if first_row is None else min(first_row, coords[0])
         elif name in SOLUTION:
             solution = True
+        elif name in LOO_ARRAYS:
+            loo = True
         elif name in POSTERIOR:
             blocks.add(coords[0])
     if first_row is not None and ks.has(record(CHOL)):
@@ -194,5 +211,7 @@ def _repair(ks: KernelStore, problems: list[dict]) -> None:
     for b in sorted(blocks):
         if ks.has(record(PREDICT)):
             ks.array(record(PREDICT))[b] = np.nan
-    if blocks:
+    if loo:  # a few minutes to recompute at most: the next predict makes them anew
+        ks.drop(*LOO_ARRAYS)
+    if blocks or loo:
         ks.update_meta(predict=None)

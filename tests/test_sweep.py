@@ -195,7 +195,8 @@ def test_figures_write_every_png(tmp_path, finished_store):
     for name in names:
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0  # a real picture
-    assert "calibration (predicted variance, realised mse, realised / predicted)" in res.output
+    head = "calibration (predicted variance, realised mse, realised / predicted, and recalibrated"
+    assert head in res.output  # the store has leave-one-out predictions: both columns
     assert len(json.loads((out / "learning-curve.json").read_text())) == 2
 
 

@@ -44,14 +44,16 @@ class Factor:
         """``b``'s row blocks, copied (the solves work on them in place)."""
         return [b[self._span(i)].copy() for i in range(self.blocks)]
 
-    def forward(self, rhs: list[np.ndarray]) -> list[np.ndarray]:
+    def forward(self, rhs: list[np.ndarray], start: int = 0) -> list[np.ndarray]:
         """Solve ``U^T W = B`` block row by block row; ``rhs`` holds B's row blocks (as
-        :meth:`split` gives them) and is replaced by W's."""
-        for i in range(self.blocks):
-            b = rhs[i]
-            for m in range(i):
-                b -= self.block(m, i).T @ rhs[m]
-            rhs[i] = solve_triangular(
+        :meth:`split` gives them) and is replaced by W's. With ``start``, B's rows before block
+        ``start`` are zero, and so are W's (``U^T`` is lower triangular): ``rhs`` holds the
+        blocks from ``start`` on, and the factor's rows before it are never read."""
+        for k, i in enumerate(range(start, self.blocks)):
+            b = rhs[k]
+            for m in range(start, i):
+                b -= self.block(m, i).T @ rhs[m - start]
+            rhs[k] = solve_triangular(
                 self.block(i, i), b, trans="T", lower=False, check_finite=False
             )
         return rhs
