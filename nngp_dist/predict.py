@@ -446,18 +446,22 @@ def _loo_errors(store: KernelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return idx, sq, predictive_variance(store, LOO_VARIANCE)
 
 
-def recalibration(store: KernelStore) -> tuple[np.ndarray, np.ndarray] | None:
-    """The variance recalibration of a store with leave-one-out predictions: the knots of the
-    isotonic map from predictive variance to expected squared error, fitted on the
-    leave-one-out points (:func:`isotonic_map`); None without them."""
-    loo = _loo_errors(store)
+def recalibration(store: KernelStore | str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The variance recalibration of a store (or its path) with leave-one-out predictions: the
+    knots of the isotonic map from predictive variance to expected squared error, fitted on
+    the leave-one-out points (:func:`isotonic_map`); None without them."""
+    loo = _loo_errors(KernelStore.open(store) if isinstance(store, str) else store)
     return None if loo is None else isotonic_map(loo[2], loo[1])
 
 
-def recalibrated_variance(store: KernelStore) -> np.ndarray | None:
+def recalibrated_variance(store: KernelStore | str) -> np.ndarray | None:
     """The test points' predictive variances through :func:`recalibration`: the squared error
     that training points of the same predictive variance made when left out; None without
-    leave-one-out predictions."""
+    leave-one-out predictions. ``store``: a :class:`KernelStore` or a path.
+
+    >>> recalibrated_variance("fm50k.zarr")  # doctest: +SKIP
+    """
+    store = KernelStore.open(store) if isinstance(store, str) else store
     knots = recalibration(store)
     return None if knots is None else np.interp(predictive_variance(store), *knots)
 

@@ -9,7 +9,12 @@ import scipy.linalg as sl
 import nngp_dist
 from nngp_dist import KernelStore, UserError, jobs
 from nngp_dist.layout import LOO, LOO_INDEX, LOO_MEAN, LOO_VARIANCE, PREDICT, record
-from nngp_dist.predict import isotonic_map, loo_index
+from nngp_dist.predict import (
+    isotonic_map,
+    loo_index,
+    predictive_variance,
+    recalibrated_variance,
+)
 
 from .test_checksums import RUN, chunk, flip
 from .test_solvers import make_kernel
@@ -105,6 +110,11 @@ def test_recalibration_fixes_noise_that_grows_faster_than_the_variance(tmp_path,
     assert max(raw) / min(raw) > 3, raw  # the raw variances are far off at both ends
     for ratio in recal:  # 100 test points x 8 columns per bin
         assert 1 / 1.3 < ratio < 1.3, recal
+    v, raw_v = recalibrated_variance(store), predictive_variance(KernelStore.open(store))
+    order = np.argsort(raw_v, kind="stable")
+    assert np.all(np.diff(v[order]) >= 0)  # monotone in the raw variance: the same bins
+    bins = [v[idx].mean() for idx in np.array_split(order, 4)]
+    assert bins == pytest.approx([b["mean_variance"] for b in report["calibration_recalibrated"]])
 
 
 def test_loo_size_zero_and_a_new_size(tmp_path, client):
