@@ -908,8 +908,10 @@ def _show_status(st: dict) -> None:
         f"data:    {st['dataset']}, {st['n_train']} train x {st['n_test']} test, "
         f"tile {st['tile_size']}, {st['dtype']}"
     )
-    blocks = st.get("predict_blocks")
+    blocks, loo = st.get("predict_blocks"), st.get("loo_blocks")
     blocks_text = f"{blocks['done']} / {blocks['total']} test blocks" if blocks else ""
+    if blocks and loo:
+        blocks_text += f", {loo['done']} / {loo['total']} leave-one-out blocks"
     for stage, rec in st["stages"].items():
         end = (
             f"finished {rec['finished']}, {rec.get('seconds')} s"

@@ -16,7 +16,7 @@ from nngp_dist.predict import (
     recalibrated_variance,
 )
 
-from .test_checksums import RUN, chunk, flip
+from .test_checksums import RUN, chunk, cli, flip
 from .test_solvers import make_kernel
 
 
@@ -147,6 +147,8 @@ def test_a_stopped_leave_one_out_resumes_and_a_bad_chunk_is_repaired(tmp_path, c
     st = ks.status()
     assert st["stage"] == "predict"
     assert st["loo_blocks"] == {"done": len(done) - 1, "total": len(done)}
+    shown = cli("status", "--store", store).stdout
+    assert f"{len(done) - 1} / {len(done)} leave-one-out blocks" in shown, shown
     jobs.predict(store, loo_size=120, client=client, progress=False)
     ks = KernelStore.open(store)
     again = ks.read(record(LOO))
