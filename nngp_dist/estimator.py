@@ -391,7 +391,8 @@ class _NNGP(BaseEstimator):
                 self._kernel(self.store_, data, c, **self._tiles)
                 if not self._holds_solution(self.store_):
                     self._resolve(self.store_, c)
-                jobs.predict(self.store_, score=False, progress=self.progress, client=c)
+                # No leave-one-out points: the estimator's std is the GP's, not recalibrated.
+                jobs.predict(self.store_, score=False, loo_size=0, progress=self.progress, client=c)
                 ks = KernelStore.open(self.store_)
                 mean, var = ks.read(MEAN), ks.read(VARIANCE)
         # The targets' predictive variance: the prior's scale fitted by maximum likelihood
