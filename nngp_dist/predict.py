@@ -435,15 +435,14 @@ def isotonic_map(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return knots, isotonic_regression(means, weights=counts.astype(np.float64)).x
 
 
-def _loo_errors(store: KernelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The leave-one-out points' indices, squared errors (mean over outputs) and predictive
-    variances; None when the store has none finished."""
+def _loo_errors(store: KernelStore) -> tuple[np.ndarray, ...] | None:
+    """The leave-one-out points' indices, means, squared errors (mean over outputs) and
+    predictive variances; None when the store has none finished."""
     if not store.has(record(LOO)) or np.isnan(store.read(record(LOO))).any():
         return None
-    idx = store.read(LOO_INDEX, complete=True)
-    truth = store.read(T_TRAIN)[idx]
-    sq = ((store.read(LOO_MEAN, complete=True) - truth) ** 2).mean(axis=1)
-    return idx, sq, predictive_variance(store, LOO_VARIANCE)
+    idx, mean = store.read(LOO_INDEX, complete=True), store.read(LOO_MEAN, complete=True)
+    sq = ((mean - store.read(T_TRAIN)[idx]) ** 2).mean(axis=1)
+    return idx, mean, sq, predictive_variance(store, LOO_VARIANCE)
 
 
 def recalibration(store: KernelStore | str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -451,7 +450,7 @@ def recalibration(store: KernelStore | str) -> tuple[np.ndarray, np.ndarray] | N
     knots of the isotonic map from predictive variance to expected squared error, fitted on
     the leave-one-out points (:func:`isotonic_map`); None without them."""
     loo = _loo_errors(KernelStore.open(store) if isinstance(store, str) else store)
-    return None if loo is None else isotonic_map(loo[2], loo[1])
+    return None if loo is None else isotonic_map(loo[3], loo[2])
 
 
 def recalibrated_variance(store: KernelStore | str) -> np.ndarray | None:
@@ -485,7 +484,7 @@ def metrics(store: KernelStore, bins: int = 10) -> dict:
     loo = _loo_errors(store)
     out["calibration_recalibrated"] = out["loo"] = None
     if loo is not None:
-        idx, loo_sq, loo_var = loo
+        idx, loo_mean, loo_sq, loo_var = loo
         recal = np.interp(raw, *isotonic_map(loo_var, loo_sq))
         out["calibration_recalibrated"] = calibration(recal, sq, bins, order_by=raw)
         out["loo"] = {
@@ -494,7 +493,6 @@ def metrics(store: KernelStore, bins: int = 10) -> dict:
             "calibration": calibration(loo_var, loo_sq, bins),
         }
         if labels:
-            loo_mean = store.read(LOO_MEAN, complete=True)
             hits = loo_mean.argmax(axis=1) == store.read(Y_TRAIN)[idx]
             out["loo"]["accuracy"] = float(hits.mean())
     return out
