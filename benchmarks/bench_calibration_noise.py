@@ -12,13 +12,16 @@ predictive variance ``s2 (var + s)``, as ``nngp-dist predict`` reports them.
 At the noise the likelihood prefers it also records, as a diagnostic of what no single noise
 can do, the ratios after an isotonic map from predicted variance to squared error fitted on
 one half of the test points and applied to the other (and the other way round): a held-out
-recalibration, which the product does not do.
+recalibration on test points (the product fits its map on leave-one-out training points
+instead, ``nngp_dist.predict.recalibration``).
 
     python benchmarks/bench_calibration_noise.py --train-size 10000 --test-size 10000 \\
         --store /tmp/nngp-bench/cal10k.zarr --json /tmp/cal10k.json
 
 With ``--solved`` instead, it reads a solved and predicted store (the 50k run's) and prints its
-bins' ratios with 95% bootstrap intervals, and the same two-fold isotonic diagnostic:
+bins' ratios with 95% bootstrap intervals, the same with the product's recalibrated variances
+when the store has leave-one-out predictions (the map held fixed: the interval is the test
+points' sampling error only), and the same two-fold isotonic diagnostic:
 
     python benchmarks/bench_calibration_noise.py --solved /work/stores/fm50k.zarr
 """
@@ -62,20 +65,24 @@ def solved_bins(store: str, bins: int, resamples: int = 2000) -> None:
     """A predicted store's calibration bins with bootstrap intervals, and the diagnostic."""
     from nngp_dist import KernelStore
     from nngp_dist.layout import MEAN, Y_TEST
-    from nngp_dist.predict import predictive_variance
+    from nngp_dist.predict import predictive_variance, recalibrated_variance
 
     ks = KernelStore.open(store)
     pv, y = predictive_variance(ks), ks.read(Y_TEST)
     mean = ks.read(MEAN, complete=True)
     sq = ((mean - targets(y, mean.shape[1])) ** 2).mean(1)
+    recal = recalibrated_variance(ks)
     rng = np.random.default_rng(0)
-    print("ratio  95% bootstrap interval")
+    print(
+        "ratio  95% bootstrap interval"
+        + ("  | recalibrated, interval" if recal is not None else "")
+    )
     for b in np.array_split(np.argsort(pv, kind="stable"), bins):
-        boot = [
-            sq[i].mean() / pv[i].mean() for i in (rng.choice(b, len(b)) for _ in range(resamples))
-        ]
-        lo, hi = np.percentile(boot, [2.5, 97.5])
-        print(f"{sq[b].mean() / pv[b].mean():.3f}  {lo:.3f}-{hi:.3f}")
+        line, draws = "", [rng.choice(b, len(b)) for _ in range(resamples)]  # paired
+        for v in (pv, recal) if recal is not None else (pv,):
+            lo, hi = np.percentile([sq[i].mean() / v[i].mean() for i in draws], [2.5, 97.5])
+            line += f"{' | ' if line else ''}{sq[b].mean() / v[b].mean():.3f}  {lo:.3f}-{hi:.3f}"
+        print(line)
     print("two-fold isotonic: " + " ".join(f"{x:.2f}" for x in held_out_isotonic(pv, sq, bins)))
 
 
