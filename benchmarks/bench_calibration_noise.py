@@ -42,9 +42,10 @@ from nngp_dist.select import best_by_lml
 NOISES = (1e-3, 1.6e-3, 2.5e-3, 4e-3, 6.3e-3, 1e-2, 1.6e-2, 2.5e-2, 4e-2, 1e-1)
 
 
-def ratios(pv: np.ndarray, sq: np.ndarray, bins: int) -> list[float]:
-    """Realised over predicted squared error in equal-count bins of predicted variance."""
-    order = np.argsort(pv, kind="stable")
+def ratios(pv: np.ndarray, sq: np.ndarray, bins: int, by: np.ndarray | None = None) -> list[float]:
+    """Realised over predicted squared error in equal-count bins of predicted variance (of
+    ``by``, when given: the raw variance, for recalibrated ones, as ``predict`` bins them)."""
+    order = np.argsort(pv if by is None else by, kind="stable")
     return [float(sq[i].mean() / pv[i].mean()) for i in np.array_split(order, bins)]
 
 
@@ -59,6 +60,42 @@ def held_out_isotonic(pv: np.ndarray, sq: np.ndarray, bins: int, seed: int = 0) 
         iso.fit(np.log(pv[halves[fit]]), sq[halves[fit]])
         cal[halves[apply]] = iso.predict(np.log(pv[halves[apply]]))
     return ratios(cal, sq, bins)
+
+
+def map_sensitivity(ks, pv: np.ndarray, sq: np.ndarray, bins: int, draws: int = 20) -> None:
+    """The map's own sampling error: refitted on ``draws`` random subsets (without replacement)
+    of the store's leave-one-out points, per subset size and points per knot, the worst test
+    bin's factor from the diagonal (median, 90th percentile, max over the subsets) and how
+    many subsets keep every bin within 1.5."""
+    from nngp_dist.layout import LOO_INDEX, LOO_MEAN, LOO_VARIANCE, T_TRAIN
+    from nngp_dist.predict import isotonic_map, predictive_variance, recalibration_group
+
+    idx = ks.read(LOO_INDEX)
+    loo_sq = ((ks.read(LOO_MEAN) - ks.read(T_TRAIN)[idx]) ** 2).mean(1)
+    loo_pv = predictive_variance(ks, LOO_VARIANCE)
+    n, rng = len(idx), np.random.default_rng(1)
+    sizes = [s for s in (2500, 5000, 10000, 20000) if s <= n // 2] + [n]
+    print(
+        "leave-one-out points, points per knot: worst bin's factor median / 90% / max, "
+        "subsets with every bin within 1.5"
+    )
+    for size in sizes:
+        subsets = (
+            [np.arange(n)]
+            if size == n
+            else [np.sort(rng.choice(n, size, replace=False)) for _ in range(draws)]
+        )
+        for group in sorted({1, 50, 200, recalibration_group(size)}):
+            worst = []
+            for sel in subsets:
+                v = np.interp(pv, *isotonic_map(loo_pv[sel], loo_sq[sel], group))
+                worst.append(np.exp(np.abs(np.log(ratios(v, sq, bins, by=pv))).max()))
+            worst = np.array(worst)
+            print(
+                f"  {size:6d}, {group:3d}: {np.median(worst):.2f} / "
+                f"{np.percentile(worst, 90):.2f} / {worst.max():.2f}, "
+                f"{(worst <= 1.5).sum()} of {len(worst)}"
+            )
 
 
 def solved_bins(store: str, bins: int, resamples: int = 2000) -> None:
@@ -83,6 +120,8 @@ def solved_bins(store: str, bins: int, resamples: int = 2000) -> None:
             lo, hi = np.percentile([sq[i].mean() / v[i].mean() for i in draws], [2.5, 97.5])
             line += f"{' | ' if line else ''}{sq[b].mean() / v[b].mean():.3f}  {lo:.3f}-{hi:.3f}"
         print(line)
+    if recal is not None:
+        map_sensitivity(ks, pv, sq, bins)
     print("two-fold isotonic: " + " ".join(f"{x:.2f}" for x in held_out_isotonic(pv, sq, bins)))
 
 

@@ -66,8 +66,9 @@ MEAN, VARIANCE = "mean", "variance"
 LOO_INDEX, LOO_MEAN, LOO_VARIANCE = "loo_index", "loo_mean", "loo_variance"
 LOO = "loo"
 # How many leave-one-out points by default (``--loo-size``): at 50,000 training points they cost
-# 78 s on 2 cores (a quarter of predicting 10,000 test points), and the map fitted on them put
-# every bin of the 10,000 test points within 0.74-1.21 of the diagonal (benchmarks/RESULTS.md).
+# 76 s on 2 cores (a quarter of predicting 10,000 test points), and the map fitted on them put
+# every bin of the 10,000 test points within 0.77-1.22 of the diagonal; maps from 20 random
+# sets of 5,000 kept every bin within 1.37 (benchmarks/RESULTS.md).
 LOO_SIZE = 5000
 # The Laplace-GP posterior of a trained network: one store per output c in the group
 # OUTPUTS ("outputs/<c>", each a whole kernel store of kappa_c), whose LAPLACE_SCALE holds

@@ -75,6 +75,18 @@ def test_isotonic_map_matches_scikit_learn():
     oracle = IsotonicRegression(out_of_bounds="clip").fit(x, y)
     v = np.concatenate([rng.uniform(0.0, 2.5, 300), knots])
     np.testing.assert_allclose(np.interp(v, knots, fit), oracle.predict(v), atol=1e-10)
+    # Pooled 50 to a knot: scikit-learn on the pools' means, weighted by their counts.
+    x = rng.uniform(0.1, 2.0, 1030)
+    y = x**2 + rng.standard_normal(1030) * 3.0  # noisy enough that pools get merged
+    knots, fit = isotonic_map(x, y, group=50)
+    pools = np.array_split(np.argsort(x), 20)  # 1030 // 50 pools of 51 or 52 points
+    means = [y[p].mean() for p in pools]
+    assert len(knots) == 20 and np.all(np.diff(knots) > 0)
+    assert np.any(np.diff(means) < 0) and np.any(np.diff(fit) == 0)
+    oracle = IsotonicRegression(out_of_bounds="clip").fit(
+        [x[p].mean() for p in pools], means, sample_weight=[len(p) for p in pools]
+    )
+    np.testing.assert_allclose(np.interp(v, knots, fit), oracle.predict(v), atol=1e-10)
 
 
 def test_recalibration_fixes_noise_that_grows_faster_than_the_variance(tmp_path, client):
