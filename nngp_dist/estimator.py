@@ -391,8 +391,10 @@ class _NNGP(BaseEstimator):
                 self._kernel(self.store_, data, c, **self._tiles)
                 if not self._holds_solution(self.store_):
                     self._resolve(self.store_, c)
-                # No leave-one-out points: the estimator's std is the GP's, not recalibrated.
-                jobs.predict(self.store_, score=False, loo_size=0, progress=self.progress, client=c)
+                # No leave-one-out points (the std is the GP's), and a named store keeps its own.
+                jobs.predict(
+                    self.store_, score=False, loo_size=None, progress=self.progress, client=c
+                )
                 ks = KernelStore.open(self.store_)
                 mean, var = ks.read(MEAN), ks.read(VARIANCE)
         # The targets' predictive variance: the prior's scale fitted by maximum likelihood

@@ -480,9 +480,15 @@ def predict(
     :func:`run` passes them; a stage that found nothing to do took 0 s), ``stage_seconds`` (the
     store's records: the last time each stage did work), and what the report is about:
     ``store`` (its URL), ``spec`` (the network) and ``version`` (of nngp_dist). With
-    ``score=False`` (test points without labels) the three scores against the test labels are
-    left out. ``options`` are those of :class:`~nngp_dist.options.PredictOptions`
-    (``json_path``, ``bins``) and :class:`~nngp_dist.options.ClusterOptions`.
+    leave-one-out predictions (``loo_size`` training points,
+    :func:`~nngp_dist.predict.predict_loo`): ``calibration_recalibrated`` (the same bins, the
+    variances through the map fitted on them) and ``loo`` (their size, accuracy, MSE and
+    calibration), both None without them; and always ``loo_size``, ``loo_skipped`` and
+    ``loo_blocks_unconverged``. With ``score=False`` (test points without labels) the scores
+    against the test labels (accuracy, MSE, calibration, ``calibration_recalibrated``,
+    ``loo``) are left out. ``options`` are those of
+    :class:`~nngp_dist.options.PredictOptions` (``json_path``, ``bins``, ``loo_size``) and
+    :class:`~nngp_dist.options.ClusterOptions`.
     """
     config.checked()
     cluster = take(options, ClusterOptions)

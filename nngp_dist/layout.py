@@ -115,8 +115,9 @@ DIMS = {
     LOO_MEAN: ("loo", "output"),
     LOO_VARIANCE: ("loo",),
 }
-# The leave-one-out arrays with their record: created, dropped and repaired together.
-LOO_ARRAYS = (LOO_INDEX, LOO_MEAN, LOO_VARIANCE, record(LOO))
+# The leave-one-out arrays with their record: created, dropped and repaired together. The
+# record first: dropped first and created last, so that a record always has its arrays.
+LOO_ARRAYS = (record(LOO), LOO_INDEX, LOO_MEAN, LOO_VARIANCE)
 
 
 class ArrayDoc(NamedTuple):

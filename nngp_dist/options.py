@@ -142,19 +142,19 @@ class PredictOptions:
 
     json_path: str | None = None
     bins: int = 10
-    loo_size: int = LOO_SIZE
+    loo_size: int | None = LOO_SIZE
 
     @classmethod
     def checked(
-        cls, json_path: str | None = None, bins: int = 10, loo_size: int = LOO_SIZE
+        cls, json_path: str | None = None, bins: int = 10, loo_size: int | None = LOO_SIZE
     ) -> PredictOptions:
-        """Validated options: at least one bin, no negative leave-one-out size, and a writable
-        folder for the JSON report."""
+        """Validated options: at least one bin, no negative leave-one-out size (None: leave
+        the store's as they are, compute none), and a writable folder for the JSON report."""
         if integer("--bins", bins) < 1:
             raise UserError(f"--bins must be at least 1, got {bins}")
-        if integer("--loo-size", loo_size) < 0:
+        if loo_size is not None and integer("--loo-size", loo_size) < 0:
             raise UserError(f"--loo-size must be 0 (none) or more, got {loo_size}")
-        return cls(report_path(json_path), int(bins), int(loo_size))
+        return cls(report_path(json_path), int(bins), None if loo_size is None else int(loo_size))
 
 
 def report_path(json_path: str | None) -> str | None:

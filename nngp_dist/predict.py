@@ -329,16 +329,19 @@ def predict_loo(
     store: KernelStore,
     *,
     client: Any,
-    size: int = LOO_SIZE,
+    size: int | None = LOO_SIZE,
     progress: bool = True,
     workers: tuple[int, int] = (1, 0),
 ) -> dict:
     """Write the leave-one-out predictions of ``size`` training points (:func:`loo_index`;
     blocks already recorded are skipped), by the factor or, for a store solved by CG, by PCG.
-    Returns ``loo_size``, ``loo_skipped`` (why there are none: ``size`` 0, or a Laplace-GP
-    store, whose per-point noise the recalibration does not model) and
-    ``loo_blocks_unconverged`` (CG only)."""
+    Returns ``loo_size``, ``loo_skipped`` (why there are none: ``size`` 0, which drops any, or
+    a Laplace-GP store, whose per-point noise the recalibration does not model) and
+    ``loo_blocks_unconverged`` (CG only). ``size`` None: none computed, none dropped (the
+    estimators, whose std is the GP's)."""
     meta = store.meta
+    if size is None:
+        return {"loo_size": 0, "loo_skipped": "not asked for", "loo_blocks_unconverged": 0}
     if store.has(LAPLACE_SCALE) or not size:
         store.prepare_loo(np.empty(0, np.int64), 1)
         why = "--loo-size 0" if not size else "a per-point noise (Laplace-GP) store"
@@ -363,7 +366,8 @@ def predict_loo(
                 for b in np.flatnonzero(~done)
             ]
             try:
-                for _ in as_completed(futures):
+                for fut in as_completed(futures):
+                    fut.result()  # a failed task raises here (as_completed yields it too)
                     bar.update()
             except BaseException:
                 client.cancel(futures)
@@ -428,12 +432,13 @@ def predictive_variance(store: KernelStore, name: str = VARIANCE) -> np.ndarray:
     return var if scale is None else scale * (var + solved["noise_abs"])
 
 
-# Leave-one-out points pooled per knot of the recalibration map: at most RECALIBRATION_GROUP,
-# and at least RECALIBRATION_KNOTS knots (:func:`recalibration_group`). Single-point knots let a
-# few points with a misclassification set the map's ends: on the 50k run, maps refitted on 20
-# random sets of 5,000 of its 50,000 leave-one-out points kept every test bin within 1.5 in 13
-# of the 20 with one point per knot, 17 with 50, all 20 with 200 (worst bin at most 1.37; all
-# 50,000 points: 1.25). benchmarks/RESULTS.md.
+# Leave-one-out points pooled per knot of the recalibration map: about RECALIBRATION_GROUP
+# (pools of equal count, at least that many points each), and about RECALIBRATION_KNOTS knots
+# for fewer points (:func:`recalibration_group`). Single-point knots let a few points with a
+# misclassification set the map's ends: on the 50k run, maps refitted on 20 random sets of
+# 5,000 of its 50,000 leave-one-out points kept every test bin within 1.5 in 13 of the 20 with
+# one point per knot, 17 with 50, all 20 with 200 (worst bin at most 1.37; all 50,000 points:
+# 1.25). benchmarks/RESULTS.md.
 RECALIBRATION_GROUP, RECALIBRATION_KNOTS = 200, 25
 
 

@@ -607,28 +607,34 @@ class KernelStore:
         self.update_meta(predict_block=block, predict=None)
 
     def prepare_loo(self, index: np.ndarray, block: int) -> None:
-        """Create the leave-one-out arrays for the training points ``index`` (increasing), ``block``
-        per task, unless present for these points and this block (then their finished blocks
-        stand). With no points, drop them."""
+        """Create the leave-one-out arrays for the training points ``index`` (increasing),
+        ``block`` per task, unless present for these points (then their finished blocks stand:
+        all of them when complete, whatever their block; else only if it is ``block``). With
+        no points, drop them. The record is created last (a record always has its arrays), and
+        ``loo_block`` is the block the arrays were made with."""
         if not len(index):
             self.drop(*LOO_ARRAYS)
             return
-        if (
-            self.has(record(LOO))
-            and self.meta.get("loo_block") == block
-            and np.array_equal(self.read(LOO_INDEX, complete=True), index)
-        ):
-            return
+        if self.has(record(LOO)):
+            rec = self.read(record(LOO))
+            made = self._group[LOO_INDEX].chunks[0]  # the block, capped at the extent
+            same = self._group[LOO_INDEX].shape == index.shape and np.array_equal(
+                read_checked(self._group[LOO_INDEX], url=self.url, complete=False), index
+            )
+            if same and (not np.isnan(rec).any() or made == min(block, len(index))):
+                self.update_meta(loo_block=int(made))
+                return
+        self.update_meta(predict=None)  # the report's leave-one-out part goes with them
         self.drop(*LOO_ARRAYS)
         n_loo, c = len(index), self._group[T_TRAIN].shape[1]
         self._create(LOO_INDEX, (n_loo,), (block,), "int64", fill=-1)
         self._group[LOO_INDEX][...] = index
         self._create(LOO_MEAN, (n_loo, c), (block, c), "float64")
         self._create(LOO_VARIANCE, (n_loo,), (block,), "float64")
+        self.update_meta(loo_block=int(min(block, n_loo)))
         self._create(
             record(LOO), (-(-n_loo // block),), (1,), "float32", compress=False, dims=("loo_block",)
         )
-        self.update_meta(loo_block=block, predict=None)
 
     # --- attributes (client side) ---------------------------------------------------------------
 
@@ -868,16 +874,29 @@ def chunk_problem(arr: zarr.Array, coords: tuple[int, ...], complete: bool | str
         block = np.asarray(arr.get_block_selection(coords))
     except _DECODE_ERRORS as e:
         return f"it does not decode ({type(e).__name__}: {e})"
-    if not complete or block.dtype.kind != "f":
+    if not complete or not _has_sentinel(arr):
         return None
     if complete == "upper" and coords[0] > coords[-1]:
         return None  # a lower tile: never written
     upper = complete == "upper" and coords[0] == coords[-1]
-    if not np.isnan(np.triu(block) if upper else block).any():
+    if not _unwritten(np.triu(block) if upper else block, arr).any():
         return None
     if not _chunk_present(arr, coords):
         return "it is missing, though its completion record says it was written"
     return "it holds NaN, though its completion record says it was written"
+
+
+def _has_sentinel(arr: zarr.Array) -> bool:
+    """Whether ``arr``'s fill value marks a value never written: NaN in a float array, a
+    negative fill in an integer one (``loo_index``'s -1; labels fill with 0, a real label)."""
+    if arr.dtype.kind == "f":
+        return True
+    return arr.dtype.kind == "i" and arr.fill_value is not None and arr.fill_value < 0
+
+
+def _unwritten(values: np.ndarray, arr: zarr.Array) -> np.ndarray:
+    """Where ``values`` (read from ``arr``) hold its fill value: never written."""
+    return np.isnan(values) if values.dtype.kind == "f" else values == arr.fill_value
 
 
 def _bad_chunk(
@@ -909,9 +928,9 @@ def read_checked(
         if bad is None:
             raise  # not a chunk's fault
         raise _corrupt(arr, *bad, url) from None
-    if complete and out.dtype.kind == "f":
+    if complete and _has_sentinel(arr):
         check = np.triu(out) if complete == "upper" and out.ndim == 2 else out
-        if np.isnan(check).any():
+        if _unwritten(check, arr).any():
             bad = _bad_chunk(arr, selection, complete)
             coords, why = bad or (_chunks_of(arr, selection)[0], "it reads NaN")
             raise _corrupt(arr, coords, why, url)

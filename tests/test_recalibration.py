@@ -2,13 +2,16 @@
 independent oracles: each leave-one-out point refitted without it by SciPy, scikit-learn's
 isotonic regression, and targets whose noise the GP's homoscedastic variance cannot follow."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg as sl
 
 import nngp_dist
 from nngp_dist import KernelStore, UserError, jobs
-from nngp_dist.layout import LOO, LOO_INDEX, LOO_MEAN, LOO_VARIANCE, PREDICT, record
+from nngp_dist.errors import CorruptStore
+from nngp_dist.layout import CHOL, LOO, LOO_INDEX, LOO_MEAN, LOO_VARIANCE, PREDICT, record
 from nngp_dist.predict import (
     isotonic_map,
     loo_index,
@@ -167,10 +170,48 @@ def test_a_stopped_leave_one_out_resumes_and_a_bad_chunk_is_repaired(tmp_path, c
     assert np.array_equal(again[:-1], done[:-1]) and np.array_equal(ks.read(LOO_MEAN), mean)
     assert np.array_equal(ks.read(record(PREDICT)), predicted)  # the test points not redone
     flip(chunk(store, LOO_VARIANCE, 0))
+    os.remove(chunk(store, LOO_INDEX, 1))  # an integer array: its fill, -1, marks the hole
     r = verify(store, repair=True)
-    assert [(p["array"], p["tile"]) for p in r["problems"]] == [(LOO_VARIANCE, [0])]
+    found = sorted((p["array"], p["tile"], p["problem"][:16]) for p in r["problems"])
+    assert found == [(LOO_INDEX, [1], "it is missing, t"), (LOO_VARIANCE, [0], "it does not deco")]
     assert r["rerun"] == ["predict"] and KernelStore.open(store).status()["stage"] == "predict"
     report = jobs.run(store, client=client, loo_size=120, **RUN)
     ks = KernelStore.open(store)
     assert np.array_equal(ks.read(LOO_VARIANCE), variance) and report["loo"]["size"] == 120
     assert ks.status()["stage"] == "done" and verify(store)["problems"] == []
+
+
+def test_a_failing_leave_one_out_task_stops_predict_and_a_rerun_resumes(tmp_path, client):
+    store = str(tmp_path / "k.zarr")
+    jobs.run(store, client=client, loo_size=120, **RUN)  # 3 factor blocks of 100
+    ks = KernelStore.open(store, "r+")
+    last = len(ks.read(record(LOO))) - 1
+    ks.array(record(LOO))[last] = np.nan
+    path = chunk(store, CHOL, 2, 2)  # read by every leave-one-out block
+    good = open(path, "rb").read()
+    flip(path)
+    with pytest.raises(CorruptStore, match=r"array chol, tile \(2, 2\)"):
+        jobs.predict(store, loo_size=120, client=client, progress=False)
+    assert KernelStore.open(store).status()["stage"] == "predict"
+    open(path, "wb").write(good)
+    report = jobs.predict(store, loo_size=120, client=client, progress=False)
+    assert report["loo"]["size"] == 120 and KernelStore.open(store).status()["stage"] == "done"
+
+
+def test_leave_one_out_arrays_kept_across_block_sizes_and_by_the_estimators(tmp_path, client):
+    store = str(tmp_path / "k.zarr")
+    jobs.run(store, client=client, loo_size=120, **RUN)
+    ks = KernelStore.open(store, "r+")
+    index, done, mean = ks.read(LOO_INDEX), ks.read(record(LOO)), ks.read(LOO_MEAN)
+    ks.prepare_loo(index, 7)  # complete: kept whatever the block a new run would choose
+    assert np.array_equal(ks.read(record(LOO)), done) and ks.meta["loo_block"] != 7
+    report = jobs.predict(store, loo_size=None, client=client, progress=False)  # estimators
+    assert report["loo_skipped"] == "not asked for"
+    assert np.array_equal(KernelStore.open(store).read(LOO_MEAN), mean)
+    ks = KernelStore.open(store, "r+")
+    ks.array(record(LOO))[0] = np.nan
+    ks.prepare_loo(index, 7)  # incomplete, made with another block: made again
+    assert ks.meta["loo_block"] == 7 and np.isnan(ks.read(record(LOO))).all()
+    assert len(ks.read(record(LOO))) == -(-120 // 7) and ks.status()["stage"] == "predict"
+    jobs.solve(store, noise=2e-3, client=client, progress=False)  # a new solution: none left
+    assert not KernelStore.open(store).has(LOO_INDEX)
