@@ -273,7 +273,8 @@ def _calibration_png(
     if recal:
         loo = found["loo"]
         ax.plot(rv, e, "s--", ms=4, label=f"recalibrated (leave-one-out, {loo['size']} points)")
-        again = calibration_ratios(recal)
+        recal = [dict(b, ratio=r) for b, r in zip(recal, calibration_ratios(recal), strict=True)]
+        again = [b["ratio"] for b in recal]
         caption += f", recalibrated {min(again):.2f} to {max(again):.2f}"
     if lo > 0:
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
@@ -298,8 +299,6 @@ def _calibration_png(
     _title(ax, "Calibration", f"{store_caption(store.meta)}. {caption}.", 62)
     ax.legend(loc="upper left", fontsize=8)
     rows = [dict(b, ratio=r) for b, r in zip(cal, ratio, strict=True)]
-    if recal:
-        recal = [dict(b, ratio=r) for b, r in zip(recal, calibration_ratios(recal), strict=True)]
     return _save(fig, path), rows, recal
 
 

@@ -513,11 +513,10 @@ def _predict(
     def go(c: Any) -> dict:
         start = time.perf_counter()
         ks.record_stage("predict", started=utcnow(), finished=None)
+        workers = worker_memory(c)
         out = {
-            **predict_test(ks, client=c, progress=progress, workers=worker_memory(c)),
-            **predict_loo(
-                ks, client=c, size=opts.loo_size, progress=progress, workers=worker_memory(c)
-            ),
+            **predict_test(ks, client=c, progress=progress, workers=workers),
+            **predict_loo(ks, client=c, size=opts.loo_size, progress=progress, workers=workers),
         }
         for key, what in (
             ("variance_blocks_unconverged", "the variances of"),

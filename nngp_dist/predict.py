@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -242,17 +243,24 @@ def _predict_factor(store: KernelStore, ctx: TaskContext, client: Any, progress:
         client.submit(_predict_block, ctx, m, block, b, pure=False, key=ctx.key("predict", b))
         for b in todo
     ]
-    clamped = 0
     try:
-        for fut in as_completed(futures):
-            clamped += fut.result()
-            bar.update()
-    except BaseException:
-        client.cancel(futures)
-        raise
+        clamped = sum(_results(client, futures, bar))
     finally:
         bar.close()
     return {"variance_clamped": clamped, "variance_blocks_unconverged": 0}
+
+
+def _results(client: Any, futures: list, bar: Any) -> Iterator[Any]:
+    """The tasks' results as they finish, ``bar`` ticked for each; a failed task raises here
+    (``as_completed`` yields it like the others), and the tasks not yet finished are cancelled."""
+    try:
+        for fut in as_completed(futures):
+            out = fut.result()
+            bar.update()
+            yield out
+    except BaseException:
+        client.cancel(futures)
+        raise
 
 
 def _predict_cg(store: KernelStore, client: Any, progress: bool) -> dict:
@@ -365,13 +373,7 @@ def predict_loo(
                 )
                 for b in np.flatnonzero(~done)
             ]
-            try:
-                for fut in as_completed(futures):
-                    fut.result()  # a failed task raises here (as_completed yields it too)
-                    bar.update()
-            except BaseException:
-                client.cancel(futures)
-                raise
+            list(_results(client, futures, bar))
     finally:
         bar.close()
     return {"loo_size": len(index), "loo_skipped": None, "loo_blocks_unconverged": unconverged}
@@ -482,9 +484,12 @@ def recalibration(store: KernelStore | str) -> tuple[np.ndarray, np.ndarray] | N
     the leave-one-out points pooled :func:`recalibration_group` to a knot
     (:func:`isotonic_map`); None without them."""
     loo = _loo_errors(KernelStore.open(store) if isinstance(store, str) else store)
-    if loo is None:
-        return None
-    return isotonic_map(loo[3], loo[2], recalibration_group(len(loo[0])))
+    return None if loo is None else _fit_map(*loo)
+
+
+def _fit_map(idx: np.ndarray, mean: np.ndarray, sq: np.ndarray, var: np.ndarray) -> tuple:
+    """The recalibration map's knots from :func:`_loo_errors`' arrays."""
+    return isotonic_map(var, sq, recalibration_group(len(idx)))
 
 
 def recalibrated_variance(store: KernelStore | str) -> np.ndarray | None:
@@ -519,8 +524,7 @@ def metrics(store: KernelStore, bins: int = 10) -> dict:
     out["calibration_recalibrated"] = out["loo"] = None
     if loo is not None:
         idx, loo_mean, loo_sq, loo_var = loo
-        knots = isotonic_map(loo_var, loo_sq, recalibration_group(len(idx)))
-        recal = np.interp(raw, *knots)
+        recal = np.interp(raw, *_fit_map(*loo))
         out["calibration_recalibrated"] = calibration(recal, sq, bins, order_by=raw)
         out["loo"] = {
             "size": len(idx),
